@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 class CliError(Exception):
@@ -32,6 +33,13 @@ def cmd_parse(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line (with where to look for help), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -43,8 +51,8 @@ def _positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="perceive", description="Perception MLLMs on CPU.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="perceive", description="Perception MLLMs on CPU.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("parse", help="parse model output text read on stdin; print JSON")
     p.add_argument("--format", required=True, choices=["chatrex", "refvlm", "mvp", "coords", "qwen-json"])

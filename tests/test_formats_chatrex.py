@@ -154,4 +154,4 @@ def test_cli_rejects_bad_arguments_with_one_line():
         text=True,
     )
     assert r.returncode != 0
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -94,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     world = sub.add_parser("world", help="the synthetic scene world")
-    wsub = world.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
+    wsub = world.add_subparsers(dest="world_command", required=True, metavar="COMMAND", parser_class=type(world))
     g = wsub.add_parser("generate", help="write N scenes with annotations in COCO, HumanRef, RefCOCO formats")
     g.add_argument("--n", type=int, required=True, help="number of scenes")
     g.add_argument("--seed", type=int, default=0)
