@@ -82,8 +82,10 @@ def main() -> None:
         for q in lang.questions:
             questions[q.kind] += 1
     total = sum(domains.values())
-    print(f"\nPer scene: {objects / args.n:.1f} instances ({persons / args.n:.1f} persons), "
-          f"{parts / args.n:.1f} parts, {total / args.n:.1f} referring expressions")
+    print(
+        f"\nPer scene: {objects / args.n:.1f} instances ({persons / args.n:.1f} persons), "
+        f"{parts / args.n:.1f} parts, {total / args.n:.1f} referring expressions"
+    )
     print("\n| domain | sub-domain | expressions | share |\n|---|---|---|---|")
     for (d, sd), c in sorted(domains.items()):
         print(f"| {d} | {sd} | {c} | {c / total:.1%} |")

@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", choices=["pixels", "bins"], default="pixels", help="coordinate units (coords)")
     p.set_defaults(func=cmd_parse)
 
+    from perceive.eval import cli as eval_cli
     from perceive.world import cli as world_cli
 
     world_cli.add_commands(sub)
+    eval_cli.add_commands(sub)
     return parser
 
 

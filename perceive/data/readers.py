@@ -6,6 +6,8 @@ Boxes come back as ``[x0, y0, x1, y1]`` pixels (COCO's ``[x, y, w, h]`` is conve
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -107,7 +109,8 @@ def load_coco(path: str | Path):
         check_box([bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]], f"{where}: bbox")
     coco = COCO()
     coco.dataset = data
-    coco.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; stdout may carry JSON
+        coco.createIndex()
     return coco
 
 
