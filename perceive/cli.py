@@ -66,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_parse)
 
     from perceive.eval import cli as eval_cli
+    from perceive.models import cli as model_cli
     from perceive.world import cli as world_cli
 
     world_cli.add_commands(sub)
     eval_cli.add_commands(sub)
+    model_cli.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""``perceive train``, ``perceive ask`` and ``perceive info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from perceive.cli import CliError
+    from perceive.train.trainer import RECIPES, train
+
+    if args.config not in RECIPES:
+        raise CliError(f"unknown config {args.config!r}; known: {', '.join(RECIPES)}")
+    out = train(args.config, args.out, progress=not args.quiet, stop_after=args.stop_after)
+    model = out / "model"
+    if model.is_dir():
+        print(f"trained model in {model} (loss curve: {out / 'loss_curve.png'})")
+    else:
+        print(f"stopped early; run the same command again to resume from {out / 'checkpoints'}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from perceive.cli import CliError
+    from perceive.images import ImageError, load_image
+    from perceive.perceiver import Perceiver
+
+    try:
+        image = load_image(args.image)
+        perceiver = Perceiver.from_pretrained(args.model)
+        answer = perceiver.ask(image, args.question)
+    except (ImageError, FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if args.out:
+        answer.draw(image, show_proposals=args.show_proposals).save(args.out)
+    if args.json:
+        json.dump(answer.to_json(), sys.stdout)
+        print()
+    else:
+        print(answer.text)
+        for o in answer.objects:
+            print(f"  <obj{o.index}> {o.phrase!r}: box {[round(v, 1) for v in o.box]} score {o.score:.3f}")
+        for p in answer.problems:
+            print(f"  note: {p}")
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Parameter counts of a named configuration, built on the meta device (nothing is allocated)."""
+    import torch
+
+    from perceive.cli import CliError
+    from perceive.models.configuration_perceiver import NAMED_CONFIGS, named_config
+    from perceive.models.modeling_perceiver import PerceiverForRetrieval
+    from perceive.models.modeling_upn import UpnModel
+
+    if args.config not in NAMED_CONFIGS:
+        raise CliError(f"unknown config {args.config!r}; known: {', '.join(NAMED_CONFIGS)}")
+    cfg = named_config(args.config)
+    if not cfg.obj_token_ids:  # a real tokenizer's ids; only their count matters here
+        vocab = cfg.text().vocab_size
+        cfg.obj_token_ids = list(range(vocab - 100, vocab))
+    with torch.device("meta"):
+        model = PerceiverForRetrieval(cfg)
+        upn = UpnModel(cfg.upn())
+    parts = {"vision (CLIP ViT)": model.vit, "vision (ConvNeXt)": model.convnext,
+             "language model": model.language_model, "UPN": upn}  # fmt: skip
+    projectors = sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith(("vit.", "convnext.", "language_model."))
+    )
+    rows = [(k, sum(p.numel() for p in m.parameters())) for k, m in parts.items()]
+    rows.insert(3, ("projectors and object encoder", projectors))
+    total = sum(n for _, n in rows)
+    if args.json:
+        json.dump({"config": args.config, **{k: n for k, n in rows}, "total": total}, sys.stdout)
+        print()
+        return 0
+    print(
+        f"config {args.config}: images {cfg.low_resolution}px (ViT) / {cfg.high_resolution}px (ConvNeXt), "
+        f"layout {cfg.layout}, index head {cfg.index_head}"
+    )
+    for k, n in rows:
+        print(f"  {k:32s} {n / 1e6:10.2f} M")
+    print(f"  {'total':32s} {total / 1e6:10.2f} M")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a model from scratch on the synthetic world (resumes if interrupted)")
+    t.add_argument("--config", default="tiny", help="training recipe: tiny (default) or smoke")
+    t.add_argument("--out", required=True, help="output folder (checkpoints, logs, the final model)")
+    t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("ask", help="ask a trained model about an image")
+    a.add_argument("image")
+    a.add_argument("question")
+    a.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
+    a.add_argument("--json", action="store_true", help="print the answer as JSON")
+    a.add_argument("--out", help="write the annotated image here")
+    a.add_argument("--show-proposals", action="store_true", help="draw the proposal boxes too")
+    a.set_defaults(func=cmd_ask)
+
+    i = sub.add_parser("info", help="parameter counts of a named configuration (built on the meta device)")
+    i.add_argument("--config", default="tiny")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)

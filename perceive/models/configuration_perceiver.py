@@ -1,0 +1,138 @@
+"""Configuration of the retrieval perception MLLM (ChatRex / RexSeek) and its named sizes."""
+
+from __future__ import annotations
+
+import copy
+
+from transformers import CLIPVisionConfig, ConvNextConfig, PretrainedConfig, Qwen2Config
+
+from perceive.models.modeling_upn import UpnConfig
+
+ATTRIBUTES = {  # auxiliary targets of object features: name -> number of classes
+    "category": 19,  # perceive.world.scene.category_table() things and parts
+    "color": 8,
+    "pattern": 3,
+    "size": 3,
+}
+
+
+class PerceiverConfig(PretrainedConfig):
+    """The dual vision encoder (CLIP ViT at low resolution for image tokens, ConvNeXt at high resolution
+    for object features), the object encoder, and a Qwen2 language model.
+
+    ``layout`` is the prompt layout: ``"paper"`` (ChatRex Sec. 3.3: image, then ``<objK><roi>`` pairs,
+    then the question) or ``"question_first"`` (image, question, then the pairs, so each object token
+    can attend to the question). ``index_head`` is how the language model scores ``<objK>`` tokens:
+    ``"vocab"`` (rows of the output embedding, as ChatRex) or ``"pointer"`` (the hidden state against
+    each object token's own hidden state; the generated index is still the language model's).
+    """
+
+    model_type = "perceive_retrieval"
+
+    def __init__(
+        self,
+        vision_config: dict | None = None,
+        convnext_config: dict | None = None,
+        text_config: dict | None = None,
+        upn_config: dict | None = None,
+        low_resolution: int = 128,
+        high_resolution: int = 256,
+        roi_output_size: int = 4,
+        roi_rgb_level: bool = True,
+        position_dim: int = 64,
+        object_dim: int = 256,
+        max_objects: int = 100,
+        layout: str = "question_first",
+        index_head: str = "pointer",
+        match_loss_weight: float = 1.0,
+        attribute_loss_weight: float = 0.5,
+        image_token_id: int = 0,
+        roi_token_id: int = 0,
+        obj_token_ids: list[int] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if layout not in ("paper", "question_first"):
+            raise ValueError(f"layout must be 'paper' or 'question_first', got {layout!r}")
+        if index_head not in ("vocab", "pointer"):
+            raise ValueError(f"index_head must be 'vocab' or 'pointer', got {index_head!r}")
+        self.vision_config = dict(vision_config or {})
+        self.convnext_config = dict(convnext_config or {})
+        self.text_config = dict(text_config or {})
+        self.upn_config = dict(upn_config or {})
+        self.low_resolution = low_resolution
+        self.high_resolution = high_resolution
+        self.roi_output_size = roi_output_size
+        self.roi_rgb_level = roi_rgb_level
+        self.position_dim = position_dim
+        self.object_dim = object_dim
+        self.max_objects = max_objects
+        self.layout = layout
+        self.index_head = index_head
+        self.match_loss_weight = match_loss_weight
+        self.attribute_loss_weight = attribute_loss_weight
+        self.image_token_id = image_token_id
+        self.roi_token_id = roi_token_id
+        self.obj_token_ids = list(obj_token_ids or [])
+
+    def vision(self) -> CLIPVisionConfig:
+        return CLIPVisionConfig(**{**self.vision_config, "image_size": self.low_resolution})
+
+    def convnext(self) -> ConvNextConfig:
+        cfg = dict(self.convnext_config)
+        cfg.setdefault("num_stages", len(cfg.get("depths", [3, 3, 9, 3])))
+        return ConvNextConfig(**cfg)
+
+    def text(self) -> Qwen2Config:
+        return Qwen2Config(**self.text_config)
+
+    def upn(self) -> UpnConfig:
+        return UpnConfig(**self.upn_config)
+
+    @property
+    def image_grid(self) -> int:
+        """Image tokens per side: the ViT's patch grid (the ConvNeXt map is pooled to it)."""
+        v = self.vision()
+        return int(v.image_size) // int(v.patch_size)  # type: ignore[arg-type]
+
+
+TINY = {
+    "vision_config": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "patch_size": 16},
+    "convnext_config": {"hidden_sizes": [32, 64, 128], "depths": [1, 1, 1]},
+    "text_config": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+                    "vocab_size": 512},  # the world tokenizer's size replaces this when a model is built
+    "upn_config": {"image_size": 256, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "head_dim": 64},
+    "low_resolution": 128,
+    "high_resolution": 256,
+    "object_dim": 256,
+}  # fmt: skip
+
+# ChatRex-7B (Sec. B.2): CLIP ViT-L/14 at 336 px, LAION ConvNeXt-L at 768 px, a Qwen2.5-7B language model;
+# the UPN's backbone is sized like a ConvNeXt-B (the paper's is T-Rex2 on Swin-L).
+CHATREX_7B = {
+    "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                      "num_attention_heads": 16, "patch_size": 14, "projection_dim": 768},
+    "convnext_config": {"hidden_sizes": [192, 384, 768, 1536], "depths": [3, 3, 27, 3]},
+    "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                    "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+                    "vocab_size": 152064, "rope_theta": 1000000.0, "tie_word_embeddings": False},
+    "upn_config": {"image_size": 768, "hidden_sizes": [128, 256, 512, 1024], "depths": [3, 3, 27, 3],
+                   "head_dim": 256},
+    "low_resolution": 336,
+    "high_resolution": 768,
+    "object_dim": 1024,
+    "position_dim": 256,
+    "roi_rgb_level": False,
+    "layout": "paper",
+    "index_head": "vocab",
+}  # fmt: skip
+
+NAMED_CONFIGS = {"tiny": TINY, "chatrex-7b": CHATREX_7B}
+
+
+def named_config(name: str, **overrides) -> PerceiverConfig:
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(NAMED_CONFIGS)}")
+    return PerceiverConfig(**{**copy.deepcopy(NAMED_CONFIGS[name]), **overrides})

@@ -1,0 +1,168 @@
+"""Greedy decoding with a KV cache, constrained so that every answer is well-formed ChatRex markup.
+
+The constraint is a small grammar run per sample over the generated tokens:
+
+    text      words, bare <objK>, <ground>, EOS
+    phrase    (after <ground>) words, </ground>
+    need-objs (after </ground>) <objects>
+    first     (after <objects>) an unused <objK>, or "none"
+    indices   (after an index) an unused <objK>, </objects>
+    close     (after "none") </objects>
+
+and every ``<objK>`` needs ``K`` < the number of input boxes. An index's probability under the
+constrained distribution is kept: ``score = proposal score x P(index)`` is the object's confidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from perceive.tokenization import (
+    ASSISTANT,
+    EOS,
+    GROUND_CLOSE,
+    GROUND_OPEN,
+    IMAGE,
+    OBJ_TOKENS,
+    OBJECTS_CLOSE,
+    OBJECTS_OPEN,
+    PAD,
+    ROI,
+    UNK,
+    USER,
+)
+
+
+@dataclass
+class Generated:
+    token_ids: list[int]
+    index_probs: list[tuple[int, float]] = field(default_factory=list)  # (box index, P(index))
+    finished: bool = False
+
+
+class GrammarMasks:
+    """Token-id masks of the grammar's states for one tokenizer."""
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        ids = tokenizer.convert_tokens_to_ids
+        self.obj_ids = torch.tensor([ids(t) for t in OBJ_TOKENS])
+        self.ground_open, self.ground_close = ids(GROUND_OPEN), ids(GROUND_CLOSE)
+        self.objects_open, self.objects_close = ids(OBJECTS_OPEN), ids(OBJECTS_CLOSE)
+        self.eos = ids(EOS)
+        none = tokenizer(NONE_WORD, add_special_tokens=False)["input_ids"]
+        self.none = none[0] if len(none) == 1 else None
+        special = {ids(t) for t in (IMAGE, ROI, USER, ASSISTANT, PAD, UNK, EOS, GROUND_OPEN, GROUND_CLOSE,
+                                    OBJECTS_OPEN, OBJECTS_CLOSE, *OBJ_TOKENS)}  # fmt: skip
+        self.words = torch.ones(vocab_size, dtype=torch.bool)
+        self.words[list(s for s in special if s is not None and s < vocab_size)] = False
+        self.vocab_size = vocab_size
+
+    def allowed(self, state: str, num_boxes: int, used: set[int]) -> torch.Tensor:
+        m = torch.zeros(self.vocab_size, dtype=torch.bool)
+        objs = self.obj_ids[:num_boxes]
+        if state == "text":
+            m |= self.words
+            m[objs] = True
+            m[[self.ground_open, self.eos]] = True
+        elif state == "phrase":
+            m |= self.words
+            m[self.ground_close] = True
+        elif state == "need-objs":
+            m[self.objects_open] = True
+        elif state in ("first", "indices"):
+            free = [int(t) for k, t in enumerate(objs) if k not in used]
+            m[free] = True
+            if state == "first" and self.none is not None:
+                m[self.none] = True
+            if state == "indices" or (not free and self.none is None):
+                m[self.objects_close] = True
+        elif state == "close":
+            m[self.objects_close] = True
+        return m
+
+    def advance(self, state: str, token: int, used: set[int]) -> str:
+        if state == "text":
+            return "phrase" if token == self.ground_open else "text"
+        if state == "phrase":
+            return "need-objs" if token == self.ground_close else "phrase"
+        if state == "need-objs":
+            used.clear()
+            return "first"
+        if state in ("first", "indices"):
+            if token == self.objects_close:
+                return "text"
+            if self.none is not None and token == self.none:
+                return "close"
+            used.add(int((self.obj_ids == token).nonzero()[0, 0]))
+            return "indices"
+        return "text"  # "close": </objects>
+
+
+NONE_WORD = "None"
+
+
+@torch.no_grad()
+def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constrained: bool = True) -> list[Generated]:
+    """Greedy answers for a left-padded batch from ``PerceiverProcessor.collate(..., pad_left=True)``."""
+    attention = batch["attention_mask"]
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(**{k: v for k, v in batch.items() if k in _FORWARD_KEYS}, position_ids=position_ids, use_cache=True)
+    cache, keys = out.past_key_values, out.pointer_keys
+    logits = out.logits[:, -1]
+    box_mask = batch["box_mask"]
+    num_boxes = box_mask.sum(dim=1).tolist()
+    vocab = logits.shape[-1]
+    masks = GrammarMasks(tokenizer, vocab)
+    b = logits.shape[0]
+    results = [Generated([]) for _ in range(b)]
+    states = ["text"] * b
+    used: list[set[int]] = [set() for _ in range(b)]
+    next_pos = position_ids[:, -1] + 1
+    for step in range(max_new_tokens):
+        chosen = []
+        for i in range(b):
+            if results[i].finished:
+                chosen.append(masks.eos)
+                continue
+            row = logits[i].float()
+            if constrained:
+                left = max_new_tokens - step
+                state = states[i]
+                if left <= 2 and state in ("indices", "first", "close"):
+                    allow = torch.zeros(vocab, dtype=torch.bool)
+                    allow[masks.objects_close] = True
+                elif left <= 1 and state == "text":
+                    allow = torch.zeros(vocab, dtype=torch.bool)
+                    allow[masks.eos] = True
+                else:
+                    allow = masks.allowed(state, num_boxes[i], used[i])
+                row = row.masked_fill(~allow.to(row.device), float("-inf"))
+            probs = row.softmax(-1)
+            tok = int(row.argmax())
+            chosen.append(tok)
+            r = results[i]
+            if tok == masks.eos:
+                r.finished = True
+                continue
+            r.token_ids.append(tok)
+            k = (masks.obj_ids == tok).nonzero()
+            if len(k) and states[i] in ("first", "indices"):
+                r.index_probs.append((int(k[0, 0]), float(probs[tok])))
+            if constrained:
+                states[i] = masks.advance(states[i], tok, used[i])
+        if all(r.finished for r in results):
+            break
+        new = torch.tensor(chosen, device=attention.device)[:, None]
+        attention = torch.cat([attention, torch.ones_like(new)], dim=1)
+        emb = model.language_model.get_input_embeddings()(new)
+        lm = model.language_model.model(inputs_embeds=emb, attention_mask=attention, position_ids=next_pos[:, None],
+                                        past_key_values=cache, use_cache=True)  # fmt: skip
+        cache = lm.past_key_values
+        next_pos = next_pos + 1
+        logits = model._logits(lm.last_hidden_state, keys, box_mask)[:, -1]
+    return results
+
+
+_FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")

@@ -1,0 +1,264 @@
+"""The retrieval perception MLLM (ChatRex, Sec. 3.2-3.3): boxes go in as object tokens, the language
+model answers with their indices.
+
+- Dual vision encoder: a CLIP ViT at low resolution gives the image tokens; a ConvNeXt at high
+  resolution gives a feature pyramid. Its last map is pooled to the ViT's grid and concatenated to
+  the ViT tokens along channels (the paper's "same number of tokens at the last scale").
+- Object encoder: multi-scale RoI Align over the ConvNeXt pyramid (plus, optionally, the RGB image as
+  one more level), mean-pooled, plus a sine-cosine embedding of the normalised box (cx, cy, w, h),
+  through an MLP projector into the language model's width: one ``<roi>`` token per box, each after
+  its ``<objK>`` index token.
+- Language model: transformers' Qwen2 with the extended vocabulary of ``perceive.tokenization``.
+
+Losses: next-token cross-entropy on the answer, where a step that emits an object index is scored by
+the probability of *any* not-yet-emitted member of its group (the order of indices within a group
+carries no meaning, so training does not impose one); optionally a per-box membership loss at each
+``<objects>`` token and attribute-classification losses on the object features, which teach the
+object tokens colour, shape, pattern and size early.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import CLIPVisionModel, ConvNextModel, PreTrainedModel, Qwen2ForCausalLM
+
+from perceive.boxes import multi_level_roi_align, roi_align
+from perceive.models.configuration_perceiver import ATTRIBUTES, PerceiverConfig
+
+
+def box_position_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine-cosine embedding of normalised xyxy boxes through (cx, cy, w, h): ``[..., 4] -> [..., dim]``."""
+    if dim % 8:
+        raise ValueError(f"position_dim must be a multiple of 8, got {dim}")
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    coords = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)  # [..., 4]
+    n_freq = dim // 8
+    freqs = temperature ** (torch.arange(n_freq, dtype=boxes.dtype, device=boxes.device) / n_freq)
+    angles = coords[..., None] * 2 * math.pi / freqs  # [..., 4, F]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def _mlp(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+
+@dataclass
+class PerceiverOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    past_key_values: object | None = None
+    pointer_keys: torch.Tensor | None = None
+
+
+class PerceiverPreTrainedModel(PreTrainedModel):
+    config_class = PerceiverConfig
+    base_model_prefix = "perceiver"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class PerceiverForRetrieval(PerceiverPreTrainedModel):
+    config: PerceiverConfig
+
+    def __init__(self, config: PerceiverConfig) -> None:
+        super().__init__(config)
+        self.vit = CLIPVisionModel(config.vision())
+        self.convnext = ConvNextModel(config.convnext())
+        self.language_model = Qwen2ForCausalLM(config.text())
+        hidden = config.text().hidden_size
+        conv_channels = list(config.convnext().hidden_sizes or [])
+        self.image_projector = _mlp(config.vision().hidden_size + conv_channels[-1], hidden)
+        roi_in = sum(conv_channels) + (3 if config.roi_rgb_level else 0)
+        self.roi_proj = nn.Linear(roi_in, config.object_dim)
+        self.position_proj = nn.Linear(config.position_dim, config.object_dim)
+        self.object_projector = _mlp(config.object_dim, hidden)
+        self.attribute_heads = nn.ModuleDict({k: nn.Linear(config.object_dim, n) for k, n in ATTRIBUTES.items()})
+        if config.index_head == "pointer":
+            self.pointer_query = nn.Linear(hidden, hidden)
+            self.pointer_key = nn.Linear(hidden, hidden)
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------
+    # encoders
+    # ------------------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_low: torch.Tensor, pixel_high: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Image tokens ``[B, G*G, H]`` and the ConvNeXt pyramid (strides 4, 8, 16, ...)."""
+        vit = self.vit(pixel_values=pixel_low).last_hidden_state[:, 1:]  # drop CLS
+        levels = list(self.convnext(pixel_high, output_hidden_states=True).hidden_states[1:])
+        g = self.config.image_grid
+        pooled = F.adaptive_avg_pool2d(levels[-1], g).flatten(2).transpose(1, 2)
+        return self.image_projector(torch.cat([vit, pooled], dim=-1)), levels
+
+    def encode_objects(
+        self, levels: list[torch.Tensor], rgb_high: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Object features ``[B, K, object_dim]`` and object tokens ``[B, K, H]`` from normalised xyxy
+        ``boxes`` ``[B, K, 4]`` (padding where ``box_mask`` is False)."""
+        b, k, _ = boxes.shape
+        size = self.config.high_resolution
+        flat = boxes.reshape(-1, 4) * size
+        rois = torch.cat([torch.arange(b, device=boxes.device).repeat_interleave(k)[:, None].to(flat), flat], dim=1)
+        strides = [size // lv.shape[-1] for lv in levels]
+        s = self.config.roi_output_size
+        pooled = multi_level_roi_align(levels, rois, s, strides, sampling_ratio=2, aligned=True, reduce="concat")
+        feats = pooled.mean(dim=(2, 3))
+        if self.config.roi_rgb_level:
+            rgb = roi_align(rgb_high, rois, s, 1.0, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
+            feats = torch.cat([feats, rgb], dim=-1)
+        obj = self.roi_proj(feats) + self.position_proj(
+            box_position_embedding(boxes.reshape(-1, 4), self.config.position_dim)
+        )
+        obj = obj.reshape(b, k, -1) * box_mask[..., None]
+        return obj, self.object_projector(obj)
+
+    def embed(
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Token embeddings with ``<image>`` and ``<roi>`` placeholders replaced by visual tokens."""
+        emb = self.language_model.get_input_embeddings()(input_ids)
+        cfg = self.config
+        img_pos = input_ids == cfg.image_token_id
+        if img_pos.any():
+            if int(img_pos.sum()) != image_tokens.shape[0] * image_tokens.shape[1]:
+                raise ValueError("each prompt needs exactly one <image> placeholder per image token")
+            emb = emb.masked_scatter(img_pos[..., None], image_tokens.to(emb.dtype))
+        roi_pos = input_ids == cfg.roi_token_id
+        if roi_pos.any():
+            want = box_mask.sum(dim=1)
+            if not torch.equal(roi_pos.sum(dim=1), want):
+                raise ValueError(f"<roi> placeholders per prompt {roi_pos.sum(1).tolist()} != boxes {want.tolist()}")
+            emb = emb.masked_scatter(roi_pos[..., None], object_tokens[box_mask].to(emb.dtype))
+        return emb
+
+    # ------------------------------------------------------------------------------------------
+    # logits over the vocabulary with the index head
+    # ------------------------------------------------------------------------------------------
+
+    def _logits(self, hidden: torch.Tensor, pointer_keys: torch.Tensor | None, box_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.language_model.lm_head(hidden).float()
+        obj_ids = torch.tensor(self.config.obj_token_ids, device=hidden.device)
+        k = box_mask.shape[1]
+        if self.config.index_head == "pointer":
+            assert pointer_keys is not None
+            ptr = self.pointer_query(hidden) @ pointer_keys.transpose(1, 2) / math.sqrt(hidden.shape[-1])
+            obj = torch.full((*hidden.shape[:2], len(obj_ids)), float("-inf"), device=hidden.device)
+            obj[..., :k] = ptr.float()
+        else:
+            obj = logits[..., obj_ids].clone()
+        allowed = torch.zeros(box_mask.shape[0], len(obj_ids), dtype=torch.bool, device=hidden.device)
+        allowed[:, :k] = box_mask
+        obj = obj.masked_fill(~allowed[:, None, :], float("-inf"))
+        logits[..., obj_ids] = obj
+        return logits
+
+    def _pointer_keys(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, box_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        if self.config.index_head != "pointer":
+            return None
+        roi_pos = input_ids == self.config.roi_token_id
+        keys = hidden.new_zeros(*box_mask.shape, hidden.shape[-1])
+        keys[box_mask] = hidden[roi_pos]
+        return self.pointer_key(keys)
+
+    # ------------------------------------------------------------------------------------------
+    # forward with losses
+    # ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_low: torch.Tensor,
+        pixel_high: torch.Tensor,
+        rgb_high: torch.Tensor,
+        boxes: torch.Tensor,
+        box_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        index_sets: torch.Tensor | None = None,
+        group_positions: torch.Tensor | None = None,
+        group_members: torch.Tensor | None = None,
+        attribute_labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+    ) -> PerceiverOutput:
+        image_tokens, levels = self.encode_image(pixel_low, pixel_high)
+        obj_feats, obj_tokens = self.encode_objects(levels, rgb_high, boxes, box_mask)
+        embeds = self.embed(input_ids, image_tokens, obj_tokens, box_mask)
+        out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=use_cache)  # fmt: skip
+        hidden = out.last_hidden_state
+        keys = self._pointer_keys(hidden, input_ids, box_mask)
+        logits = self._logits(hidden, keys, box_mask)
+        losses: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            losses["lm"] = self._answer_loss(logits, labels, index_sets)
+            if group_positions is not None and group_members is not None and self.config.match_loss_weight > 0:
+                losses["match"] = self._match_loss(logits, group_positions, group_members, box_mask)
+            if attribute_labels is not None and self.config.attribute_loss_weight > 0:
+                losses["attributes"] = self._attribute_loss(obj_feats, attribute_labels)
+        loss = None
+        if losses:
+            loss = (
+                losses["lm"]
+                + self.config.match_loss_weight * losses.get("match", 0.0)
+                + self.config.attribute_loss_weight * losses.get("attributes", 0.0)
+            )
+        return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys)
+
+    def _answer_loss(self, logits: torch.Tensor, labels: torch.Tensor, index_sets: torch.Tensor | None) -> torch.Tensor:
+        """Cross-entropy of each next token; an index step counts any remaining member of its group."""
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        logp = logits.log_softmax(dim=-1)
+        valid = labels != -100
+        token_lp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        if index_sets is not None:
+            sets = index_sets[:, 1:]  # [B, T-1, K]: members still allowed at this step
+            is_set = sets.any(dim=-1) & valid
+            if is_set.any():
+                obj_ids = torch.tensor(self.config.obj_token_ids[: sets.shape[-1]], device=logits.device)
+                obj_lp = logp[..., obj_ids].masked_fill(~sets, float("-inf"))
+                token_lp = torch.where(is_set, torch.logsumexp(obj_lp, dim=-1), token_lp)
+        return -(token_lp * valid).sum() / valid.sum().clamp(min=1)
+
+    def _match_loss(
+        self, logits: torch.Tensor, positions: torch.Tensor, members: torch.Tensor, box_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """At each ``<objects>`` token: does each box belong to this group? (sigmoid of its index logit)"""
+        obj_ids = torch.tensor(self.config.obj_token_ids[: box_mask.shape[1]], device=logits.device)
+        valid = positions >= 0  # [B, G]
+        if not valid.any():
+            return logits.sum() * 0
+        bidx = torch.arange(positions.shape[0], device=logits.device)[:, None].expand_as(positions)
+        obj_logits = logits[bidx[valid], positions[valid]][:, obj_ids]  # [N, K]
+        target = members[valid].float()
+        mask = box_mask[bidx[valid]]
+        bce = F.binary_cross_entropy_with_logits(obj_logits.masked_fill(~mask, 0.0), target, reduction="none")
+        return (bce * mask).sum() / mask.sum().clamp(min=1)
+
+    def _attribute_loss(self, obj_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = obj_feats.sum() * 0
+        for i, head in enumerate(self.attribute_heads.values()):
+            target = labels[..., i]
+            if (target >= 0).any():
+                total = total + F.cross_entropy(head(obj_feats[target >= 0]), target[target >= 0])
+        return total / len(self.attribute_heads)

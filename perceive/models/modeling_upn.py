@@ -1,0 +1,181 @@
+"""The universal proposal network (UPN, ChatRex Sec. 3.1): class-agnostic boxes with scores at two
+granularities, coarse (instances) and fine (parts).
+
+ChatRex builds its UPN on T-Rex2, a DETR-style detector, and classifies each query by a dot product
+with two learned granularity prompts (its Eq. 2). DETR-style training converges far too slowly for
+a CPU, so this UPN keeps the prompts and the dot-product classification but puts them on a dense,
+centre-based head (CenterNet, Zhou et al. 2019) over a ConvNeXt feature pyramid: every stride-4
+location has an embedding; its score for granularity g is ``<embedding, prompt_g>``; it also
+regresses a box. Peaks of the score maps become proposals, non-maximum suppression per granularity
+removes duplicates, and the best ``max_proposals`` (100, the number of ``<objK>`` tokens) are kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import ConvNextConfig, ConvNextModel, PretrainedConfig, PreTrainedModel
+
+from perceive.boxes import nms
+
+GRANULARITIES = ("coarse", "fine")
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+class UpnConfig(PretrainedConfig):
+    model_type = "perceive_upn"
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        hidden_sizes: tuple[int, ...] = (32, 64, 128),
+        depths: tuple[int, ...] = (1, 1, 1),
+        head_dim: int = 64,
+        max_proposals: int = 100,
+        pre_nms_topk: int = 200,
+        nms_iou: float = 0.6,
+        min_score: float = 0.01,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.hidden_sizes = list(hidden_sizes)
+        self.depths = list(depths)
+        self.head_dim = head_dim
+        self.max_proposals = max_proposals
+        self.pre_nms_topk = pre_nms_topk
+        self.nms_iou = nms_iou
+        self.min_score = min_score
+
+    @property
+    def stride(self) -> int:
+        return 4
+
+
+class UpnModel(PreTrainedModel):
+    config_class = UpnConfig
+    base_model_prefix = "upn"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: UpnConfig) -> None:
+        super().__init__(config)
+        self.backbone = ConvNextModel(
+            ConvNextConfig(
+                num_channels=3, hidden_sizes=config.hidden_sizes, depths=config.depths, num_stages=len(config.depths)
+            )
+        )
+        d = config.head_dim
+        self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for c in config.hidden_sizes)
+        self.embed = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.GELU(), nn.Conv2d(d, d, 3, padding=1))
+        self.prompts = nn.Parameter(torch.randn(len(GRANULARITIES), d) * 0.02)  # coarse, fine
+        self.score_bias = nn.Parameter(torch.full((len(GRANULARITIES),), -4.0))  # rare positives at start
+        self.box = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.GELU(), nn.Conv2d(d, 4, 1))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pixel_values`` ``[B, 3, S, S]`` normalised. Returns stride-4 maps: ``scores`` (logits,
+        ``[B, 2, S/4, S/4]``) and ``boxes`` (``[B, 4, S/4, S/4]``: centre offset in cells and log
+        size in cells)."""
+        feats = self.backbone(pixel_values, output_hidden_states=True).hidden_states[1:]
+        size = feats[0].shape[-2:]
+        fused = sum(
+            F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size else lat(f)
+            for lat, f in zip(self.lateral, feats, strict=True)
+        )
+        emb = self.embed(fused)
+        scores = torch.einsum("bdhw,gd->bghw", emb, self.prompts) / math.sqrt(emb.shape[1])
+        scores = scores + self.score_bias[None, :, None, None]
+        return {"scores": scores, "boxes": self.box(fused)}
+
+    # ------------------------------------------------------------------------------------------
+    # training targets and loss
+    # ------------------------------------------------------------------------------------------
+
+    def targets(self, boxes: list[torch.Tensor], granularity: list[torch.Tensor], map_size: int) -> dict:
+        """Gaussian centre heatmaps and regression targets from per-image ``xyxy`` pixel boxes."""
+        s = self.config.stride
+        b = len(boxes)
+        heat = torch.zeros(b, len(GRANULARITIES), map_size, map_size)
+        reg = torch.zeros(b, 4, map_size, map_size)
+        mask = torch.zeros(b, map_size, map_size, dtype=torch.bool)
+        ys = torch.arange(map_size, dtype=torch.float32)[:, None]
+        xs = torch.arange(map_size, dtype=torch.float32)[None, :]
+        for i, (bx, gr) in enumerate(zip(boxes, granularity, strict=True)):
+            for (x0, y0, x1, y1), g in zip(bx.tolist(), gr.tolist(), strict=True):
+                w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+                cx, cy = (x0 + x1) / 2 / s, (y0 + y1) / 2 / s
+                ix, iy = min(map_size - 1, int(cx)), min(map_size - 1, int(cy))
+                sigma = max(0.5, 0.12 * math.sqrt(w * h) / s)
+                gauss = torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2))
+                heat[i, g] = torch.maximum(heat[i, g], gauss)
+                reg[i, :, iy, ix] = torch.tensor([cx - ix, cy - iy, math.log(w / s), math.log(h / s)])
+                mask[i, iy, ix] = True
+        return {"heat": heat, "reg": reg, "mask": mask}
+
+    def loss(self, out: dict[str, torch.Tensor], targets: dict) -> dict[str, torch.Tensor]:
+        """CenterNet's penalty-reduced focal loss on the heatmaps and L1 on the boxes at centres."""
+        pred = out["scores"].sigmoid().clamp(1e-4, 1 - 1e-4)
+        heat = targets["heat"].to(pred)
+        pos = heat.eq(1).float()
+        pos_loss = -(torch.log(pred) * (1 - pred) ** 2 * pos).sum()
+        neg_loss = -(torch.log(1 - pred) * pred**2 * (1 - heat) ** 4 * (1 - pos)).sum()
+        n = pos.sum().clamp(min=1)
+        m = targets["mask"]
+        reg_pred = out["boxes"].permute(0, 2, 3, 1)[m]
+        reg_true = targets["reg"].to(pred).permute(0, 2, 3, 1)[m]
+        box_loss = F.l1_loss(reg_pred, reg_true, reduction="sum") / n if len(reg_true) else pred.sum() * 0
+        return {"heatmap": (pos_loss + neg_loss) / n, "box": box_loss, "loss": (pos_loss + neg_loss) / n + box_loss}
+
+    # ------------------------------------------------------------------------------------------
+    # proposals
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def propose(self, pixel_values: torch.Tensor, max_proposals: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Per image: ``boxes`` (``[N, 4]`` xyxy pixels of the input), ``scores`` and ``granularity``
+        (0 coarse, 1 fine), sorted by score, N <= ``max_proposals``."""
+        cfg = self.config
+        cap = cfg.max_proposals if max_proposals is None else max_proposals
+        out = self(pixel_values)
+        heat = out["scores"].sigmoid()
+        peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+        b, g, _, w = heat.shape
+        s = cfg.stride
+        results = []
+        for i in range(b):
+            all_boxes, all_scores, all_gran = [], [], []
+            for k in range(g):
+                flat = peaks[i, k].flatten()
+                top = torch.topk(flat, min(cfg.pre_nms_topk, flat.numel()))
+                keep = top.values >= cfg.min_score
+                idx, sc = top.indices[keep], top.values[keep]
+                iy, ix = idx // w, idx % w
+                r = out["boxes"][i, :, iy, ix]
+                cx, cy = (ix + r[0]) * s, (iy + r[1]) * s
+                bw, bh = r[2].clamp(max=8).exp() * s, r[3].clamp(max=8).exp() * s
+                boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
+                size = pixel_values.shape[-1]
+                all_boxes.append(boxes.clamp(0, size))
+                all_scores.append(sc)
+                all_gran.append(torch.full_like(sc, k, dtype=torch.long))
+            boxes, scores, gran = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_gran)
+            keep = nms(boxes, scores, cfg.nms_iou, labels=gran, max_keep=cap)
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "granularity": gran[keep]})
+        return results
+
+
+def normalize_image(images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` floats in [0, 1] to ImageNet-normalised pixel values."""
+    mean = torch.tensor(IMAGE_MEAN, dtype=images.dtype, device=images.device)[None, :, None, None]
+    std = torch.tensor(IMAGE_STD, dtype=images.dtype, device=images.device)[None, :, None, None]
+    return (images - mean) / std

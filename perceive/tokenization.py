@@ -1,0 +1,119 @@
+"""Tokenizers: the word-level one the tiny models use, built over the world's vocabulary, and the
+special tokens every perceive model adds to its vocabulary (tiny or real).
+
+The world tokenizer is a ``tokenizers`` WordLevel model (lower case, split on spaces and
+punctuation) wrapped in ``PreTrainedTokenizerFast``, so it saves and loads like any Hugging Face
+tokenizer. Real configurations load the user's tokenizer folder and get the same special tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+MAX_OBJECTS = 100
+OBJ_TOKENS = tuple(f"<obj{k}>" for k in range(MAX_OBJECTS))
+IMAGE, ROI = "<image>", "<roi>"
+GROUND_OPEN, GROUND_CLOSE = "<ground>", "</ground>"
+OBJECTS_OPEN, OBJECTS_CLOSE = "<objects>", "</objects>"
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
+SPECIAL_TOKENS = (IMAGE, ROI, GROUND_OPEN, GROUND_CLOSE, OBJECTS_OPEN, OBJECTS_CLOSE, USER, ASSISTANT, *OBJ_TOKENS)
+_NO_SPACE_BEFORE = set(".,;:?!')")
+_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in (*SPECIAL_TOKENS, PAD, UNK, EOS)))
+
+
+def world_vocabulary(n_scenes: int = 300) -> list[str]:
+    """Every word the world's language and the task templates use, found by generating them."""
+    from tokenizers import pre_tokenizers
+
+    from perceive.data.tasks import template_texts
+    from perceive.world.generator import WorldConfig, generate_scene
+    from perceive.world.language import describe
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words: set[str] = set(str(i) for i in range(0, 101))
+
+    def add(text: str) -> None:
+        for piece in _SPECIAL_RE.split(text.lower()):
+            words.update(w for w, _ in pre.pre_tokenize_str(piece))
+
+    for text in template_texts():
+        add(text)
+    cfg = WorldConfig(size=128, person_share=0.4, relation_depth=2)
+    for seed in range(n_scenes):
+        lang = describe(generate_scene(seed, cfg), cfg)
+        for e in lang.expressions:
+            add(e.text)
+        for r in lang.regions:
+            add(" ".join(x for x in (r.category, r.short_phrase, r.brief, r.referring or "") if x))
+        for c in lang.captions:
+            add(c.text)
+        for q in lang.questions:
+            add(q.question + " " + q.answer)
+        for vp in lang.visual_prompts:
+            add(vp.question + " " + vp.answer)
+    return sorted(words)
+
+
+def build_world_tokenizer(words: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab_words = list(words) if words is not None else world_vocabulary()
+    vocab = {t: i for i, t in enumerate([PAD, UNK, EOS])}
+    for w in vocab_words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, eos_token=EOS)
+    fast.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return fast
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer folder (the world's or a real model's), with perceive's special tokens added."""
+    p = Path(path)
+    if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer in {p} (expected tokenizer.json or tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(str(p))
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or UNK
+    return tok
+
+
+def detokenize(tokens: Iterable[str]) -> str:
+    """Join word-level tokens back into text: words are spaced, punctuation and markup are glued
+    (``with <ground>a cup</ground><objects><obj3></objects>.``), and a group that directly follows
+    another starts a new line, as ChatRex prints detection answers."""
+    out = ""
+    prev = ""
+    in_objects = False
+    for t in tokens:
+        if t in (PAD, EOS):
+            continue
+        if t == OBJECTS_OPEN:
+            in_objects = True
+        glue = (
+            not out
+            or in_objects
+            or t in (GROUND_CLOSE, OBJECTS_OPEN, OBJECTS_CLOSE)
+            or prev == GROUND_OPEN
+            or t[:1] in _NO_SPACE_BEFORE
+            or out.endswith(("(", "\n"))
+        )
+        if t == GROUND_OPEN and prev == OBJECTS_CLOSE:
+            out += "\n"
+            glue = True
+        out += t if glue else " " + t
+        if t == OBJECTS_CLOSE:
+            in_objects = False
+        prev = t
+    return out

@@ -1,0 +1,148 @@
+"""Training batches streamed from the synthetic world: no disk, every batch fresh and reproducible.
+
+Boxes follow ChatRex Sec. 4.2: the scene's ground-truth boxes mixed with proposals, at most 100,
+shuffled. With a UPN, each ground-truth object that a proposal covers (IoU >= 0.5) is represented by
+that proposal (what the model sees at inference), the others keep their true box, and the remaining
+proposals are distractors.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from perceive.boxes import box_iou
+from perceive.data.tasks import TASKS, make_qa
+from perceive.processing import PerceiverProcessor
+from perceive.world.generator import WorldConfig, generate_scene
+from perceive.world.language import describe
+from perceive.world.scene import CATEGORY_IDS, COLORS, PATTERNS, SIZES, Scene
+
+DEFAULT_TASK_WEIGHTS = {
+    "detect": 2.0, "refer": 4.0, "region_category": 1.5, "region_phrase": 1.0, "region_brief": 0.5,
+    "region_sentence": 0.5, "count": 1.5, "caption_brief": 0.5, "caption_detailed": 0.25, "region_qa": 1.0,
+}  # fmt: skip
+COLOR_NAMES = list(COLORS)
+
+
+def attribute_targets(scene: Scene, obj_id: int | None) -> list[int]:
+    """(category, colour, pattern, size) class indices of a box's object; -100 where unknown."""
+    if obj_id is None:
+        return [-100] * 4
+    o = scene.get(obj_id)
+    color = o.shirt if o.kind == "person" else o.color
+    return [
+        CATEGORY_IDS[o.category] - 1,
+        COLOR_NAMES.index(color) if color else -100,
+        PATTERNS.index(o.pattern) if o.pattern else -100,
+        SIZES.index(o.size) if o.size else -100,
+    ]
+
+
+@dataclass
+class Item:
+    example: dict
+    image: np.ndarray
+    boxes: np.ndarray  # normalised xyxy
+    box_objects: list[int | None]
+    attributes: list[list[int]]
+    scene: Scene
+    qa: object
+
+
+class WorldTasks:
+    def __init__(
+        self,
+        processor: PerceiverProcessor,
+        world: WorldConfig,
+        seed: int = 0,
+        task_weights: dict[str, float] | None = None,
+        upn=None,
+    ) -> None:
+        self.processor = processor
+        self.world = world
+        self.seed = seed
+        weights = task_weights or DEFAULT_TASK_WEIGHTS
+        unknown = set(weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+        self.tasks = [t for t in weights if weights[t] > 0]
+        self.weights = [weights[t] for t in self.tasks]
+        self.upn = upn
+
+    def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:
+        gt = np.array([o.box for o in scene.objects], dtype=np.float32)
+        ids: list[int | None] = [o.id for o in scene.objects]
+        boxes = gt.copy()
+        if proposals is not None and len(proposals):
+            iou = box_iou(torch.from_numpy(gt), torch.from_numpy(proposals)).numpy()
+            taken = np.zeros(len(proposals), dtype=bool)
+            for i in np.argsort(-iou.max(axis=1)):  # best-covered objects choose first
+                candidates = np.where(taken, -1.0, iou[i])
+                j = int(candidates.argmax())
+                if candidates[j] >= 0.5:
+                    boxes[i] = proposals[j]
+                    taken[j] = True
+            extra = [j for j in range(len(proposals)) if not taken[j] and iou[:, j].max() < 0.5]
+            room = self.processor.config.max_objects - len(boxes)
+            extra = extra[: max(0, room)]
+            boxes = np.concatenate([boxes, proposals[extra]]) if extra else boxes
+            ids = ids + [None] * len(extra)
+        order = list(range(len(boxes)))
+        rng.shuffle(order)
+        return boxes[order], [ids[k] for k in order]
+
+    def item(self, index: int, task: str | None = None, proposals: np.ndarray | None = None) -> Item:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        scene = generate_scene(self.seed * 1_000_003 + index, self.world)
+        lang = describe(scene, self.world)
+        boxes, box_objects = self.boxes_for(scene, rng, proposals)
+        for _ in range(10):
+            name = task or rng.choices(self.tasks, self.weights)[0]
+            qa = make_qa(name, scene, lang, box_objects, rng)
+            if qa is not None:
+                break
+        else:  # pragma: no cover - "detect" always works
+            raise RuntimeError("no task could be posed")
+        ex = self.processor.example(qa.question, len(boxes), qa.answer, qa.groups, rng)
+        side = scene.size
+        return Item(
+            ex, scene.image, boxes / side, box_objects, [attribute_targets(scene, o) for o in box_objects], scene, qa
+        )
+
+    def batch(self, indices: list[int], task: str | None = None) -> tuple[dict, list[Item]]:
+        proposals: list[np.ndarray | None] = [None] * len(indices)
+        if self.upn is not None:
+            scenes = [generate_scene(self.seed * 1_000_003 + i, self.world) for i in indices]
+            proposals = list(propose(self.upn, [s.image for s in scenes]))
+        items = [self.item(i, task, p) for i, p in zip(indices, proposals, strict=True)]
+        pixels, _ = self.processor.images([it.image for it in items])
+        batch = self.processor.collate([it.example for it in items], [it.boxes for it in items])
+        k = batch["boxes"].shape[1]
+        attrs = torch.full((len(items), k, 4), -100, dtype=torch.long)
+        for i, it in enumerate(items):
+            if it.attributes:
+                attrs[i, : len(it.attributes)] = torch.tensor(it.attributes)
+        batch.update(pixels, attribute_labels=attrs)
+        return batch, items
+
+
+def propose(upn, images: list[np.ndarray]) -> list[np.ndarray]:
+    """UPN proposals (xyxy pixels of each image) for square world images."""
+    from perceive.models.modeling_upn import normalize_image
+
+    size = upn.config.image_size
+    tensors = []
+    for im in images:
+        t = torch.from_numpy(im).permute(2, 0, 1).float()[None] / 255
+        if im.shape[0] != size:
+            t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        tensors.append(t[0])
+    was_training = upn.training
+    upn.eval()
+    out = upn.propose(normalize_image(torch.stack(tensors)))
+    upn.train(was_training)
+    return [(o["boxes"] * (im.shape[0] / size)).numpy().astype(np.float32) for o, im in zip(out, images, strict=True)]

@@ -1,0 +1,302 @@
+"""Training: the UPN first, then the retrieval MLLM in ChatRex's three stages (Sec. 4.2).
+
+1. alignment: only the projectors, the object encoder's heads and the language model's input and
+   output embeddings learn, on region captions and brief grounded captions;
+2. perception: everything learns, on detection, referring, counting and region captions;
+3. joint: everything learns, on every task.
+
+Every batch is a function of the step number alone (``WorldTasks``), so a run that is killed and
+resumed from its last checkpoint sees the same data and reaches the same weights as one that was
+not. Under ``torchrun`` (or ``accelerate launch``) each process takes its own share of each step's
+batch and gradients are averaged with the gloo backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from perceive.models.configuration_perceiver import named_config
+from perceive.models.modeling_perceiver import PerceiverForRetrieval
+from perceive.models.modeling_upn import UpnModel, normalize_image
+from perceive.processing import PerceiverProcessor
+from perceive.tokenization import IMAGE, OBJ_TOKENS, ROI, build_world_tokenizer, load_tokenizer
+from perceive.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from perceive.train.data import WorldTasks
+from perceive.world.generator import WorldConfig, generate_scene
+
+ALIGNMENT_TASKS = {"region_category": 2.0, "region_phrase": 1.0, "caption_brief": 1.0}
+PERCEPTION_TASKS = {"detect": 2.0, "refer": 4.0, "count": 1.5, "region_category": 1.0, "region_phrase": 0.5}
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    lr: float
+    trainable: str  # "alignment" or "all"
+    tasks: dict[str, float] | None = None  # None: every task with the default weights
+
+
+@dataclass
+class Recipe:
+    model: str = "tiny"
+    batch_size: int = 16
+    upn_steps: int = 1200
+    upn_batch_size: int = 16
+    upn_lr: float = 2e-3
+    stages: list[Stage] = field(default_factory=list)
+    world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
+    upn_proposals: bool = True
+    checkpoint_every: int = 100
+    seed: int = 0
+    warmup: int = 50
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+RECIPES = {
+    "tiny": Recipe(stages=[Stage("alignment", 150, 1e-3, "alignment", ALIGNMENT_TASKS),
+                           Stage("perception", 1800, 6e-4, "all", PERCEPTION_TASKS),
+                           Stage("joint", 700, 3e-4, "all")]),
+    # a few steps of everything, for tests and for trying the pipeline
+    "smoke": Recipe(batch_size=4, upn_steps=4, upn_batch_size=4, checkpoint_every=2, warmup=1,
+                    world={"size": 128, "person_share": 0.35, "max_objects": 5},
+                    stages=[Stage("alignment", 2, 1e-3, "alignment", ALIGNMENT_TASKS),
+                            Stage("perception", 2, 1e-3, "all", PERCEPTION_TASKS), Stage("joint", 2, 1e-3, "all")]),
+}  # fmt: skip
+
+
+def build_model(config_name: str, tokenizer, **overrides) -> PerceiverForRetrieval:
+    ids = tokenizer.convert_tokens_to_ids
+    base = named_config(config_name)
+    cfg = named_config(config_name, text_config={**base.text_config, "vocab_size": len(tokenizer)},
+                       image_token_id=ids(IMAGE), roi_token_id=ids(ROI),
+                       obj_token_ids=[ids(t) for t in OBJ_TOKENS], **overrides)  # fmt: skip
+    return PerceiverForRetrieval(cfg)
+
+
+def set_trainable(model: PerceiverForRetrieval, mode: str) -> None:
+    """ChatRex's stage 1 trains the projectors and the new tokens' embeddings; later stages everything."""
+    for name, p in model.named_parameters():
+        if mode == "all":
+            p.requires_grad_(True)
+        else:
+            frozen = name.startswith(("vit.", "convnext.", "language_model.model.layers", "language_model.model.norm"))
+            p.requires_grad_(not frozen)
+
+
+def _lr(step: int, stage_start: int, stage: Stage, warmup: int) -> float:
+    t = step - stage_start
+    if t < warmup:
+        return stage.lr * (t + 1) / warmup
+    progress = (t - warmup) / max(1, stage.steps - warmup)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Distributed:
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def average_gradients(self, model: torch.nn.Module) -> None:
+        if self.world == 1:
+            return
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _loop(
+    name: str,
+    out: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    step_fn: Callable[[int], dict[str, torch.Tensor]],
+    every: int,
+    ddp: Distributed,
+    progress: bool,
+    log: Path,
+    stop_after: int | None = None,
+) -> int:
+    """Run steps ``[resume point, total)``; checkpoints every ``every`` steps. Returns the next step."""
+    from tqdm import tqdm
+
+    folder = out / "checkpoints" / name
+    start = 0
+    latest = latest_checkpoint(folder)
+    if latest is not None:
+        start = load_checkpoint(latest, model, optimizer)["step"]
+        if ddp.main and progress:
+            print(f"resuming {name} from {latest} (step {start})")
+    bar = tqdm(total=total, initial=start, desc=name, unit="step", disable=not (progress and ddp.main))
+    t0, done = time.perf_counter(), 0
+    step = start
+    while step < total:
+        losses = step_fn(step)
+        ddp.average_gradients(model)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        done += 1
+        values = {k: round(float(v), 4) for k, v in losses.items()}
+        rate = done / (time.perf_counter() - t0)
+        if ddp.main:
+            bar.set_postfix(loss=values.get("loss"), steps_s=f"{rate:.2f}")
+            bar.update(1)
+            with open(log, "a") as f:
+                f.write(json.dumps({"phase": name, "step": step, **values, "steps_per_s": round(rate, 3)}) + "\n")
+        if step % every == 0 or step == total:
+            if ddp.main:
+                save_checkpoint(folder, step, model, optimizer, {"phase": name})
+            ddp.barrier()
+        if stop_after is not None and done >= stop_after:
+            break
+    bar.close()
+    return step
+
+
+def train_upn(
+    recipe: Recipe, out: Path, ddp: Distributed, progress: bool, log: Path, stop_after: int | None = None
+) -> UpnModel | None:
+    """Train (or load the trained) UPN; None if ``stop_after`` ended the phase early."""
+    if (out / "upn" / "model.safetensors").is_file():
+        return UpnModel.from_pretrained(str(out / "upn"))
+    cfg = named_config(recipe.model).upn()
+    world = WorldConfig(**{**recipe.world, "size": cfg.image_size})
+    torch.manual_seed(recipe.seed)
+    upn = UpnModel(cfg)
+    opt = torch.optim.AdamW(upn.parameters(), lr=recipe.upn_lr, weight_decay=1e-4)
+    b = recipe.upn_batch_size
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        for group in opt.param_groups:
+            group["lr"] = recipe.upn_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / recipe.upn_steps))
+        seeds = [(recipe.seed + 7) * 10_000_019 + step * b * ddp.world + ddp.rank * b + j for j in range(b)]
+        scenes = [generate_scene(s, world) for s in seeds]
+        x = normalize_image(
+            torch.stack([torch.from_numpy(s.image.copy()).permute(2, 0, 1).float() / 255 for s in scenes])
+        )
+        boxes = [torch.tensor([o.box for o in s.objects]) for s in scenes]
+        gran = [torch.tensor([1 if o.kind == "part" else 0 for o in s.objects]) for s in scenes]
+        res = upn(x)
+        losses = upn.loss(res, upn.targets(boxes, gran, res["scores"].shape[-1]))
+        losses["loss"].backward()
+        return {k: v.detach() for k, v in losses.items()}
+
+    end = _loop("upn", out, upn, opt, recipe.upn_steps, step_fn, recipe.checkpoint_every, ddp, progress, log,
+                stop_after)  # fmt: skip
+    if end < recipe.upn_steps:
+        return None
+    if ddp.main:
+        upn.save_pretrained(str(out / "upn"))
+    ddp.barrier()
+    return upn
+
+
+def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train a model into ``out`` (resuming whatever is there). ``stop_after`` ends the call after that
+    many steps (for tests and for splitting long runs); run it again to continue."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        recipe = RECIPES[recipe]
+    out = Path(out)
+    ddp = Distributed()
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    ddp.barrier()
+    log = out / "train_log.jsonl"
+    tok_dir = out / "tokenizer"
+    if ddp.main and not (tok_dir / "tokenizer.json").is_file():
+        build_world_tokenizer().save_pretrained(str(tok_dir))
+    ddp.barrier()
+    tokenizer = load_tokenizer(tok_dir)
+
+    upn = train_upn(recipe, out, ddp, progress, log, stop_after)
+    if upn is None:
+        return out
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, tokenizer)
+    processor = PerceiverProcessor(tokenizer, model.config)
+    world = WorldConfig(**recipe.world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stages[0].lr, weight_decay=0.01)
+    starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
+    streams = [WorldTasks(processor, world, seed=recipe.seed + 1 + i, task_weights=s.tasks,
+                          upn=upn if recipe.upn_proposals else None) for i, s in enumerate(recipe.stages)]  # fmt: skip
+    b = recipe.batch_size
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        i = max(k for k, s in enumerate(starts) if s <= step)
+        stage = recipe.stages[i]
+        set_trainable(model, stage.trainable)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, starts[i], stage, recipe.warmup)
+        indices = [step * b * ddp.world + ddp.rank * b + j for j in range(b)]
+        batch, _ = streams[i].batch(indices)
+        out_ = model(**batch)
+        out_.loss.backward()
+        return {"loss": out_.loss.detach(), **{k: v.detach() for k, v in out_.losses.items()}}
+
+    remaining = None if stop_after is None else stop_after
+    end = _loop("mllm", out, model, optimizer, recipe.total_steps, step_fn, recipe.checkpoint_every, ddp, progress,
+                log, remaining)  # fmt: skip
+    if end >= recipe.total_steps and ddp.main:
+        model.save_pretrained(str(out / "model"))
+        tokenizer.save_pretrained(str(out / "model"))
+        upn.save_pretrained(str(out / "model" / "upn"))
+        loss_curve(log, out / "loss_curve.png")
+    ddp.barrier()
+    return out
+
+
+def loss_curve(log: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, phase in zip(axes, ("upn", "mllm"), strict=True):
+        pts = [r for r in rows if r["phase"] == phase]
+        for key in sorted({k for r in pts for k in r} - {"phase", "step", "steps_per_s"}):
+            xs = [r["step"] for r in pts if key in r]
+            ys = [r[key] for r in pts if key in r]
+            if len(xs) > 20:  # smooth for reading
+                w = max(1, len(xs) // 50)
+                ys = [sum(ys[max(0, i - w) : i + 1]) / len(ys[max(0, i - w) : i + 1]) for i in range(len(ys))]
+            ax.plot(xs, ys, label=key)
+        ax.set_title(f"{phase} losses")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,151 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from perceive.formats import chatrex
+from perceive.models.configuration_perceiver import PerceiverConfig, named_config
+from perceive.models.decoding import generate
+from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_position_embedding
+from perceive.models.modeling_upn import UpnConfig, UpnModel
+from perceive.processing import IGNORE, ImageFrame, PerceiverProcessor
+from perceive.tokenization import detokenize
+from perceive.train.data import WorldTasks
+from perceive.world.generator import WorldConfig
+
+WORLD = WorldConfig(size=128, person_share=0.35, max_objects=5)
+
+
+def _model(cfg, **kw):
+    torch.manual_seed(0)
+    c = PerceiverConfig(**{**cfg.to_dict(), **kw})
+    return PerceiverForRetrieval(c)
+
+
+def test_upn_shapes_loss_proposals_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    upn = UpnModel(UpnConfig(image_size=64, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], head_dim=16, max_proposals=7))
+    x = torch.randn(2, 3, 64, 64)
+    out = upn(x)
+    assert out["scores"].shape == (2, 2, 16, 16) and out["boxes"].shape == (2, 4, 16, 16)
+    tg = upn.targets([torch.tensor([[4.0, 4.0, 20.0, 30.0]]), torch.zeros(0, 4)], [torch.tensor([0]),
+                     torch.zeros(0, dtype=torch.long)], 16)  # fmt: skip
+    assert tg["heat"][0, 0].max() == 1.0 and tg["mask"].sum() == 1
+    loss = upn.loss(out, tg)
+    assert torch.isfinite(loss["loss"])
+    props = upn.propose(x)
+    assert all(len(p["boxes"]) <= 7 and (p["scores"][:-1] >= p["scores"][1:]).all() for p in props)
+    upn.save_pretrained(tmp_path)
+    again = UpnModel.from_pretrained(tmp_path)
+    assert torch.allclose(again(x)["scores"], out["scores"])
+
+
+def test_position_embedding():
+    e = box_position_embedding(torch.tensor([[0.1, 0.2, 0.5, 0.9]]), 32)
+    assert e.shape == (1, 32) and torch.isfinite(e).all()
+    with pytest.raises(ValueError):
+        box_position_embedding(torch.zeros(1, 4), 30)
+
+
+def test_processor_layouts_and_index_sets(world_tokenizer, micro_config):
+    proc = PerceiverProcessor(world_tokenizer, micro_config)
+    ids = proc.prompt_ids("please detect circle", 3)
+    toks = world_tokenizer.convert_ids_to_tokens(ids)
+    assert toks[: micro_config.image_grid**2] == ["<image>"] * micro_config.image_grid**2
+    assert toks.index("<|user|>") < toks.index("<obj0>") and toks[-1] == "<|assistant|>"
+    paper = PerceiverProcessor(world_tokenizer, PerceiverConfig(**{**micro_config.to_dict(), "layout": "paper"}))
+    ptoks = world_tokenizer.convert_ids_to_tokens(paper.prompt_ids("please detect circle", 3))
+    assert ptoks.index("<obj0>") < ptoks.index("<|user|>")
+
+    answer = "<ground>circle</ground><objects><obj1><obj3></objects>\n<ground>star</ground><objects>None</objects>"
+    ex = proc.example("please detect circle; star", 4, answer, [[1, 3], []], random.Random(0))
+    labels = [t for t in ex["labels"] if t != IGNORE]
+    text = detokenize(world_tokenizer.convert_ids_to_tokens(labels))
+    parsed = chatrex.parse(text, 4)
+    assert [(g.phrase, sorted(g.indices)) for g in parsed.groups] == [("circle", [1, 3]), ("star", [])]
+    (p1, s1), (p2, s2) = ex["index_sets"]
+    assert s1 == [1, 3] and len(s2) == 1 and s2[0] in (1, 3) and p2 == p1 + 1  # the second index: what remains
+    assert ex["group_members"] == [[1, 3], []] and len(ex["group_positions"]) == 2
+
+
+def test_image_frame_round_trip():
+    f = ImageFrame(200, 100)
+    boxes = np.array([[10, 20, 150, 90]])
+    assert np.allclose(f.to_pixels(f.normalize(boxes)), boxes)
+
+
+@pytest.mark.parametrize("index_head", ["pointer", "vocab"])
+def test_forward_backward_save_load_parity(tmp_path, world_tokenizer, micro_config, index_head):
+    model = _model(micro_config, index_head=index_head)
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1, 2])
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
+    assert set(out.losses) == {"lm", "match", "attributes"}
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("language_model.model.layers"))
+    model.save_pretrained(tmp_path)
+    again = PerceiverForRetrieval.from_pretrained(tmp_path)
+    model.eval(), again.eval()
+    with torch.no_grad():
+        a, b = model(**batch).logits, again(**batch).logits
+    assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)])
+    # indices beyond the boxes are impossible
+    k = batch["box_mask"].sum(1)
+    obj = torch.tensor(model.config.obj_token_ids)
+    assert torch.isinf(a[0, :, obj[int(k[0]) :]]).all()
+
+
+def test_roi_placeholder_count_is_checked(world_tokenizer, micro_config):
+    model = _model(micro_config)
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0])
+    batch["box_mask"] = batch["box_mask"].clone()
+    batch["box_mask"][0, 0] = False
+    with pytest.raises(ValueError, match="placeholders"):
+        model(**batch)
+
+
+@pytest.mark.parametrize("index_head", ["pointer", "vocab"])
+def test_constrained_decoding_is_always_well_formed(world_tokenizer, micro_config, index_head):
+    model = _model(micro_config, index_head=index_head).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    data = WorldTasks(proc, WORLD, seed=3)
+    items = [data.item(i) for i in range(6)]
+    batch = proc.collate([proc.example(it.qa.question, len(it.boxes)) for it in items], [it.boxes for it in items],
+                         pad_left=True)  # fmt: skip
+    batch.update(proc.images([it.image for it in items])[0])
+    for g, it in zip(generate(model, batch, world_tokenizer, max_new_tokens=40), items, strict=True):
+        text = detokenize(world_tokenizer.convert_ids_to_tokens(g.token_ids))
+        parsed = chatrex.parse(text, len(it.boxes))
+        assert not [p for p in parsed.problems if "no objects block" not in p], (text, parsed.problems)
+        assert all(0 <= k < len(it.boxes) for k, _ in g.index_probs)
+        assert all(0 < p <= 1 for _, p in g.index_probs)
+
+
+def test_a_micro_model_learns(world_tokenizer, micro_config):
+    """Region category captions of one box: loss must fall well below its start in 80 steps."""
+    model = _model(micro_config)
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    data = WorldTasks(proc, WORLD, seed=4, task_weights={"region_category": 1.0})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(80):
+        batch, _ = data.batch([step * 8 + j for j in range(8)])
+        out = model(**batch)
+        out.losses["lm"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.losses["lm"].item())
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_named_configs():
+    assert named_config("tiny").layout == "question_first"
+    real = named_config("chatrex-7b")
+    assert real.text().hidden_size == 3584 and real.vision().image_size == 336 and real.high_resolution == 768
+    with pytest.raises(ValueError, match="unknown config"):
+        named_config("huge")
+    with pytest.raises(ValueError, match="layout"):
+        PerceiverConfig(layout="sideways")

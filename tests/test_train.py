@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from perceive.train.trainer import train
+from perceive.world.generator import WorldConfig, generate_scene
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    train("smoke", out, progress=False)
+    return out
+
+
+def test_smoke_training_writes_a_loadable_model(smoke_run):
+    model = smoke_run / "model"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "upn/config.json", "upn/model.safetensors"):
+        assert (model / f).is_file(), f
+    assert (smoke_run / "loss_curve.png").is_file()
+    rows = [json.loads(line) for line in (smoke_run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "mllm"] == list(range(1, 7))
+    assert all(r["loss"] > 0 for r in rows)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(smoke_run, tmp_path):
+    out = tmp_path / "resumed"
+    train("smoke", out, progress=False, stop_after=3)  # stops inside the UPN phase
+    assert not (out / "upn" / "model.safetensors").exists()
+    train("smoke", out, progress=False, stop_after=3)  # finishes the UPN, stops inside the MLLM phase
+    assert not (out / "model").exists()
+    train("smoke", out, progress=False)
+    a = load_file(str(smoke_run / "model" / "model.safetensors"))
+    b = load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-4, worst
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_with_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", "-m", "perceive.cli", "train", "--config", "smoke", "--out", str(tmp_path / "ddp"),
+                        "--quiet"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if r["phase"] == "mllm") == 6  # logged once, by rank 0
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "perceive.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_ask_cli_json_and_picture(smoke_run, tmp_path):
+    img = tmp_path / "scene.png"
+    Image.fromarray(generate_scene(3, WorldConfig(size=128)).image).save(img)
+    r = _cli(
+        "ask",
+        "--model",
+        smoke_run / "model",
+        img,
+        "Please detect circle in this image.",
+        "--json",
+        "--out",
+        tmp_path / "a.png",
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert set(data) >= {"answer", "objects", "proposals"}
+    assert len(data["proposals"]) <= 100
+    for o in data["objects"]:
+        assert set(o) == {"phrase", "index", "box", "score"} and 0 <= o["score"] <= 1
+        assert data["proposals"][o["index"]]["box"] == o["box"]
+    assert (tmp_path / "a.png").is_file()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    r = _cli("ask", "--model", smoke_run / "model", bad, "hello")
+    assert r.returncode == 1 and "not an image" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("ask", "--model", tmp_path / "nowhere", img, "hello")
+    assert r.returncode == 1 and "not a perceive model folder" in r.stderr
+
+
+def test_perceiver_api_edges(smoke_run):
+    import numpy as np
+
+    from perceive.perceiver import Perceiver
+
+    p = Perceiver.from_pretrained(smoke_run / "model")
+    image = generate_scene(5, WorldConfig(size=128)).image
+    many = [[i % 100, 0, i % 100 + 10, 10] for i in range(130)]
+    ans = p.ask(image, "Please detect star in this image.", boxes=many, scores=list(np.linspace(0, 1, 130)))
+    assert len(ans.proposals) == 100 and "kept the 100 best-scoring" in ans.problems[0]
+    assert ans.proposals[0]["score"] == pytest.approx(1.0)
+    none = p.ask(image, "Please detect star in this image.", boxes=[])
+    assert none.objects == []
+    with pytest.raises(ValueError, match="tokens"):
+        p.ask(image, "word " * 2000)
+    with pytest.raises(ValueError, match="finite"):
+        p.ask(image, "hi", boxes=[[5, 5, 1, 1]])
+    gray = (image[..., 0]).copy()
+    assert p.ask(gray, "Please detect star in this image.").text is not None
+    assert p.detect(image, ["circle", "star"]).proposals
+    assert p.describe(image, [0, 0, 50, 50]).proposals[0]["box"] == [0, 0, 50, 50]
+
+
+def test_info_cli():
+    r = _cli("info", "--config", "chatrex-7b", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert 7.5e9 < info["language model"] < 7.7e9 and info["total"] > 8e9
