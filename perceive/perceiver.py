@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from perceive.data.tasks import PHRASE_SEPARATOR, TEMPLATES
 from perceive.formats import chatrex
 from perceive.images import load_image
+from perceive.models.configuration_perceiver import PerceiverConfig
 from perceive.models.decoding import generate
 from perceive.models.modeling_perceiver import PerceiverForRetrieval
 from perceive.models.modeling_upn import UpnModel, normalize_image
@@ -79,7 +81,7 @@ class Perceiver:
         self.model = model.eval()
         self.upn = upn.eval()
         self.tokenizer = tokenizer
-        self.processor = PerceiverProcessor(tokenizer, model.config)
+        self.processor = PerceiverProcessor(tokenizer, cast(PerceiverConfig, model.config))
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> Perceiver:

@@ -334,7 +334,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from perceive.cli import CliError
+    from perceive.eval import benchmark
+    from perceive.perceiver import Perceiver
+
+    if args.suite != "world":
+        raise CliError(f"unknown suite {args.suite!r}; known: world")
+    if args.n < 1:
+        raise CliError(f"--n must be >= 1, got {args.n}")
+    try:
+        perceiver = Perceiver.from_pretrained(args.model)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    report = benchmark.run(perceiver, n=args.n, progress=not args.quiet)
+    if args.out:
+        benchmark.write(report, args.out)
+    if args.json:
+        json.dump(report.metrics, sys.stdout, default=float)
+        print()
+    else:
+        sys.stdout.write(rep.markdown(report))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("benchmark", help="run a model over held-out world scenes; every task, one report")
+    b.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
+    b.add_argument("--suite", default="world")
+    b.add_argument("--n", type=int, default=100, help="number of held-out scenes")
+    b.add_argument("--out", help="write benchmark.json and benchmark.md here")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_benchmark)
+
     e = sub.add_parser(
         "eval",
         help="score predictions with the field's metrics",

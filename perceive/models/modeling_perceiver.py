@@ -76,8 +76,6 @@ class PerceiverPreTrainedModel(PreTrainedModel):
 
 
 class PerceiverForRetrieval(PerceiverPreTrainedModel):
-    config: PerceiverConfig
-
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__(config)
         self.vit = CLIPVisionModel(config.vision())

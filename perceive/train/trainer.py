@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
 
-from perceive.models.configuration_perceiver import named_config
+from perceive.models.configuration_perceiver import PerceiverConfig, named_config
 from perceive.models.modeling_perceiver import PerceiverForRetrieval
 from perceive.models.modeling_upn import UpnModel, normalize_image
 from perceive.processing import PerceiverProcessor
@@ -244,7 +245,7 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
         return out
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model, tokenizer)
-    processor = PerceiverProcessor(tokenizer, model.config)
+    processor = PerceiverProcessor(tokenizer, cast(PerceiverConfig, model.config))
     world = WorldConfig(**recipe.world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stages[0].lr, weight_decay=0.01)
     starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
