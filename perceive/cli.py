@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", choices=["pixels", "bins"], default="pixels", help="coordinate units (coords)")
     p.set_defaults(func=cmd_parse)
 
+    from perceive import demo
     from perceive.eval import cli as eval_cli
     from perceive.models import cli as model_cli
     from perceive.world import cli as world_cli
@@ -72,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     world_cli.add_commands(sub)
     eval_cli.add_commands(sub)
     model_cli.add_commands(sub)
+    demo.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars say nothing to a command-line user
+    hf_logging.set_verbosity_error()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

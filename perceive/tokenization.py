@@ -80,7 +80,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     p = Path(path)
     if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer in {p} (expected tokenizer.json or tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(str(p))
+    config = p / "tokenizer_config.json"
+    text = config.read_text() if config.is_file() else ""
+    world = '"PreTrainedTokenizerFast"' in text or '"TokenizersBackend"' in text
+    # the world tokenizer is loaded by its class: AutoTokenizer would read the model's config.json
+    tok = PreTrainedTokenizerFast.from_pretrained(str(p)) if world else AutoTokenizer.from_pretrained(str(p))
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
@@ -105,13 +109,15 @@ def detokenize(tokens: Iterable[str]) -> str:
             not out
             or in_objects
             or t in (GROUND_CLOSE, OBJECTS_OPEN, OBJECTS_CLOSE)
-            or prev == GROUND_OPEN
+            or prev in (GROUND_OPEN, "'")
             or t[:1] in _NO_SPACE_BEFORE
             or out.endswith(("(", "\n"))
         )
         if t == GROUND_OPEN and prev == OBJECTS_CLOSE:
             out += "\n"
             glue = True
+        if in_objects and t == "none":
+            t = "None"  # RexSeek's spelling of an empty answer; the word-level vocabulary is lower case
         out += t if glue else " " + t
         if t == OBJECTS_CLOSE:
             in_objects = False

@@ -47,6 +47,7 @@ def test_none_is_a_rejection_not_a_problem():
     a = chatrex.parse("<ground>purple star</ground><objects>None</objects>")
     assert a.groups == (GroundedPhrase("purple star", (), (0, 11)),)
     assert a.problems == ()
+    assert chatrex.parse("<ground>x</ground><objects>none</objects>").problems == ()
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ Two spellings of the same structure are read:
 - paper (ChatRex, Sec. 3.3):           ``<g>red circle</g><o><obj3><obj7></o>``
 
 Groups may stand on separate lines (detection answers) or inline inside conversation text (grounded
-captions). ``<objects>None</objects>`` is RexSeek's explicit "no such object" answer: a group with no
-indices and no problem. Bare ``<objK>`` tokens outside groups are references (region QA answers:
+captions). ``<objects>None</objects>`` is RexSeek's explicit "no such object" answer (any letter case):
+a group with no indices and no problem. Bare ``<objK>`` tokens outside groups are references (region QA answers:
 "<obj0> is holding a cup"); they stay in the plain text, because they are words of the sentence,
 and their indices are listed in ``refs``.
 
@@ -136,7 +136,7 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
         pos = m.end()
         if between:
             if state == "objects":
-                if between.strip() == NONE_ANSWER and not indices:
+                if between.strip().lower() == NONE_ANSWER.lower() and not indices:
                     saw_none = True
                 elif between.strip(" \t\n,;"):
                     junk.append(between)
@@ -199,7 +199,7 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
 
     tail = text[pos:]
     if state == "objects":
-        if tail.strip() == NONE_ANSWER and not indices:
+        if tail.strip().lower() == NONE_ANSWER.lower() and not indices:
             saw_none = True
         elif tail.strip(" \t\n,;"):
             junk.append(tail)

@@ -3,7 +3,8 @@
 The constraint is a small grammar run per sample over the generated tokens:
 
     text      words, bare <objK>, <ground>, EOS
-    phrase    (after <ground>) words, </ground>
+    start     (after <ground>) words
+    phrase    (after a word of the phrase) words, </ground>
     need-objs (after </ground>) <objects>
     first     (after <objects>) an unused <objK>, or "none"
     indices   (after an index) an unused <objK>, </objects>
@@ -66,6 +67,8 @@ class GrammarMasks:
             m |= self.words
             m[objs] = True
             m[[self.ground_open, self.eos]] = True
+        elif state == "start":
+            m |= self.words
         elif state == "phrase":
             m |= self.words
             m[self.ground_close] = True
@@ -82,9 +85,25 @@ class GrammarMasks:
             m[self.objects_close] = True
         return m
 
+    def finish(self, state: str) -> torch.Tensor:
+        """The next token of the shortest well-formed ending from ``state``."""
+        m = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if state == "start":
+            return self.words.clone()
+        nxt = {
+            "text": self.eos,
+            "phrase": self.ground_close,
+            "need-objs": self.objects_open,
+            "first": self.none if self.none is not None else self.objects_close,
+        }.get(state, self.objects_close)
+        m[nxt] = True
+        return m
+
     def advance(self, state: str, token: int, used: set[int]) -> str:
         if state == "text":
-            return "phrase" if token == self.ground_open else "text"
+            return "start" if token == self.ground_open else "text"
+        if state == "start":
+            return "phrase"
         if state == "phrase":
             return "need-objs" if token == self.ground_close else "phrase"
         if state == "need-objs":
@@ -101,6 +120,8 @@ class GrammarMasks:
 
 
 NONE_WORD = "None"
+# tokens a state needs to end well-formed: e.g. a phrase needs </ground> <objects> None </objects>
+FINISH = {"text": 1, "start": 5, "phrase": 4, "need-objs": 3, "first": 2, "indices": 1, "close": 1}
 
 
 @torch.no_grad()
@@ -129,15 +150,10 @@ def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constraine
             row = logits[i].float()
             if constrained:
                 left = max_new_tokens - step
-                state = states[i]
-                if left <= 2 and state in ("indices", "first", "close"):
-                    allow = torch.zeros(vocab, dtype=torch.bool)
-                    allow[masks.objects_close] = True
-                elif left <= 1 and state == "text":
-                    allow = torch.zeros(vocab, dtype=torch.bool)
-                    allow[masks.eos] = True
+                if left <= FINISH[states[i]]:  # only just enough room left: take the shortest way out
+                    allow = masks.finish(states[i])
                 else:
-                    allow = masks.allowed(state, num_boxes[i], used[i])
+                    allow = masks.allowed(states[i], num_boxes[i], used[i])
                 row = row.masked_fill(~allow.to(row.device), float("-inf"))
             probs = row.softmax(-1)
             tok = int(row.argmax())
