@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup browser demo test lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,14 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/perceive demo --out demo_out
 
-test: setup
+# Debian's chromium for the web page test (Playwright drives it; no browser is downloaded).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1)) || \
+	  echo "note: could not install chromium; the browser test will be skipped"
+
+test: setup browser
 	$(BIN)/pytest
 
 lint: setup

@@ -76,6 +76,18 @@ class Answer:
         return draw_answer(image, self, show_proposals)
 
 
+@dataclass
+class EncodedImage:
+    """An image with its boxes and visual tokens, ready for questions."""
+
+    array: np.ndarray
+    frame: ImageFrame
+    boxes: np.ndarray  # xyxy pixels
+    scores: np.ndarray
+    notes: list[str]
+    visual: dict[str, torch.Tensor]  # encode_visual's output for this image alone
+
+
 class Perceiver:
     def __init__(self, model: PerceiverForRetrieval, upn: UpnModel, tokenizer) -> None:
         self.model = model.eval()
@@ -112,7 +124,6 @@ class Perceiver:
         return self.ask_batch([image], [question], None if boxes is None else [boxes],
                               None if scores is None else [scores], max_new_tokens)[0]  # fmt: skip
 
-    @torch.no_grad()
     def ask_batch(
         self,
         images: list,
@@ -123,48 +134,81 @@ class Perceiver:
     ) -> list[Answer]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        return self.answer(self.encode_batch(images, boxes, scores), questions, max_new_tokens)
+
+    @torch.no_grad()
+    def encode_batch(self, images: list, boxes: list | None = None, scores: list | None = None) -> list[EncodedImage]:
+        """Load images, propose boxes (unless given) and run the vision and object encoders, once: the
+        result answers any number of questions (``answer``) without encoding the image again."""
         arrays = [load_image(im) for im in images]
         cap = self.model.config.max_objects
-        per_boxes, per_scores, problems = [], [], []
+        per_boxes, per_scores, notes = [], [], []
         for i, arr in enumerate(arrays):
-            notes = []
+            n: list[str] = []
             if boxes is None or boxes[i] is None:
-                b, s = self.propose(arr)
+                b, sc = self.propose(arr)
             else:
                 b = np.asarray(boxes[i], dtype=np.float64).reshape(-1, 4)
                 if not np.isfinite(b).all() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
                     raise ValueError("boxes must be finite [x0, y0, x1, y1] with x1 >= x0 and y1 >= y0")
-                s = np.ones(len(b)) if scores is None or scores[i] is None else np.asarray(scores[i], dtype=np.float64)
+                sc = np.ones(len(b)) if scores is None or scores[i] is None else np.asarray(scores[i], dtype=np.float64)
                 if len(b) > cap:
-                    keep = np.argsort(-s, kind="stable")[:cap]
-                    notes.append(f"{len(b)} boxes given; kept the {cap} best-scoring (the model takes {cap})")
-                    b, s = b[keep], s[keep]
+                    keep = np.argsort(-sc, kind="stable")[:cap]
+                    n.append(f"{len(b)} boxes given; kept the {cap} best-scoring (the model takes {cap})")
+                    b, sc = b[keep], sc[keep]
             per_boxes.append(b)
-            per_scores.append(s)
-            problems.append(notes)
+            per_scores.append(sc)
+            notes.append(n)
         frames = [ImageFrame(a.shape[1], a.shape[0]) for a in arrays]
-        examples = []
+        pixels, _ = self.processor.images(arrays)
+        norm = [f.normalize(b) for f, b in zip(frames, per_boxes, strict=True)]
+        k = max(1, max(len(b) for b in norm))
+        box_t = torch.zeros(len(arrays), k, 4)
+        mask = torch.zeros(len(arrays), k, dtype=torch.bool)
+        for i, b in enumerate(norm):
+            box_t[i, : len(b)] = torch.as_tensor(b)
+            mask[i, : len(b)] = True
+        visual = self.model.encode_visual(pixels["pixel_low"], pixels["pixel_high"], pixels["rgb_high"], box_t, mask)
+        return [
+            EncodedImage(arr, frame, b, sc, n, {key: v[i : i + 1, : (len(b) if key != "image_tokens" else None)]
+                                                 for key, v in visual.items()})
+            for i, (arr, frame, b, sc, n) in enumerate(zip(arrays, frames, per_boxes, per_scores, notes, strict=True))
+        ]  # fmt: skip
+
+    @torch.no_grad()
+    def answer(self, encoded: list[EncodedImage], questions: list[str], max_new_tokens: int = 96) -> list[Answer]:
+        """Answer one question per encoded image."""
+        if len(encoded) != len(questions):
+            raise ValueError(f"{len(encoded)} images but {len(questions)} questions")
         limit = self.model.config.text().max_position_embeddings - max_new_tokens
-        for q, b in zip(questions, per_boxes, strict=True):
-            ex = self.processor.example(q, len(b))
+        examples = []
+        for q, enc in zip(questions, encoded, strict=True):
+            ex = self.processor.example(q, len(enc.boxes))
             if len(ex["input_ids"]) > limit:
                 raise ValueError(f"the prompt is {len(ex['input_ids'])} tokens; this model takes at most {limit} "
                                  f"before its answer (shorten the question or give fewer boxes)")  # fmt: skip
             examples.append(ex)
-        batch = self.processor.collate(examples, [f.normalize(b) for f, b in zip(frames, per_boxes, strict=True)],
-                                       pad_left=True)  # fmt: skip
-        pixels, _ = self.processor.images(arrays)
-        batch.update(pixels)
+        batch = self.processor.collate(examples, [e.frame.normalize(e.boxes) for e in encoded], pad_left=True)
+        k = batch["boxes"].shape[1]
+        visual = {}
+        for key in ("image_tokens", "object_features", "object_tokens"):
+            parts = [e.visual[key] for e in encoded]
+            if key != "image_tokens":  # pad objects to the batch's box count
+                parts = [torch.nn.functional.pad(p, (0, 0, 0, k - p.shape[1])) for p in parts]
+            visual[key] = torch.cat(parts)
+        batch["visual"] = visual
         generated = generate(self.model, batch, self.tokenizer, max_new_tokens=max_new_tokens)
         answers = []
-        for g, b, s, notes in zip(generated, per_boxes, per_scores, problems, strict=True):
+        for g, enc in zip(generated, encoded, strict=True):
             text = detokenize(self.tokenizer.convert_ids_to_tokens(g.token_ids))
-            parsed = chatrex.parse(text, len(b))
+            parsed = chatrex.parse(text, len(enc.boxes))
             probs = dict(g.index_probs)
-            objects = [GroundedObject(grp.phrase, k, [float(v) for v in b[k]], float(s[k]) * probs.get(k, 1.0))
+            objects = [GroundedObject(grp.phrase, k, [float(v) for v in enc.boxes[k]],
+                                      float(enc.scores[k]) * probs.get(k, 1.0))
                        for grp in parsed.groups for k in grp.indices]  # fmt: skip
-            proposals = [{"box": [float(v) for v in box], "score": float(sc)} for box, sc in zip(b, s, strict=True)]
-            answers.append(Answer(text, objects, proposals, notes + list(parsed.problems)))
+            proposals = [{"box": [float(v) for v in box], "score": float(sc)}
+                         for box, sc in zip(enc.boxes, enc.scores, strict=True)]  # fmt: skip
+            answers.append(Answer(text, objects, proposals, enc.notes + list(parsed.problems)))
         return answers
 
     def detect(self, image, phrases: list[str], boxes=None) -> Answer:

@@ -27,10 +27,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from perceive.images import ImageError, load_image
     from perceive.perceiver import Perceiver
 
+    if args.images is not None:
+        return _ask_many(args)
+    question = args.question_flag or args.question
+    if args.image is None or not question:
+        raise CliError("give IMAGE and a question, or --images FOLDER_OR_JSONL with --question and --out")
     try:
         image = load_image(args.image)
         perceiver = Perceiver.from_pretrained(args.model)
-        answer = perceiver.ask(image, args.question)
+        answer = perceiver.ask(image, question)
     except (ImageError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     if args.out:
@@ -46,6 +51,28 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(f"  note: {p}")
         if args.out:
             print(f"wrote {args.out}")
+    return 0
+
+
+def _ask_many(args: argparse.Namespace) -> int:
+    from perceive import batch
+    from perceive.cli import CliError
+    from perceive.perceiver import Perceiver
+
+    if not args.out:
+        raise CliError("--images needs --out (a folder for results.jsonl, coco_results.json, pictures)")
+    try:
+        perceiver = Perceiver.from_pretrained(args.model)
+        summary = batch.run(perceiver, args.images, args.question_flag or args.question, args.out, draw=args.draw,
+                            progress=not args.json)  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        json.dump(summary, sys.stdout)
+        print()
+    else:
+        print(f"{summary['answered']} answered, {summary['errors']} unreadable, "
+              f"{summary['skipped_as_done']} already done; results in {args.out}")  # fmt: skip
     return 0
 
 
@@ -89,7 +116,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from perceive.cli import CliError
+    from perceive.serve.app import Limits, serve
+
+    if args.queue < 1 or args.timeout <= 0 or args.max_upload_mb <= 0:
+        raise CliError("--queue, --timeout and --max-upload-mb must be positive")
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), queue_size=args.queue,
+                    timeout_s=args.timeout)  # fmt: skip
+    try:
+        serve(args.model, args.host, args.port, limits)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="a JSON API and a web page over a trained model")
+    s.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--queue", type=int, default=8, help="requests waiting at most; more get 429")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take; then 504")
+    s.add_argument("--max-upload-mb", type=float, default=10.0)
+    s.set_defaults(func=cmd_serve)
+
     t = sub.add_parser("train", help="train a model from scratch on the synthetic world (resumes if interrupted)")
     t.add_argument("--config", default="tiny", help="training recipe: tiny (default) or smoke")
     t.add_argument("--out", required=True, help="output folder (checkpoints, logs, the final model)")
@@ -97,12 +148,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    a = sub.add_parser("ask", help="ask a trained model about an image")
-    a.add_argument("image")
-    a.add_argument("question")
+    a = sub.add_parser("ask", help="ask a trained model about an image, or about many (--images)")
+    a.add_argument("image", nargs="?")
+    a.add_argument("question", nargs="?")
+    a.add_argument("--question", dest="question_flag", help="the question (required with --images)")
+    a.add_argument("--images", help="a folder of images or a JSONL of {image, question?, id?}: batch mode")
+    a.add_argument("--draw", action="store_true", help="batch mode: also write annotated pictures")
     a.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
-    a.add_argument("--json", action="store_true", help="print the answer as JSON")
-    a.add_argument("--out", help="write the annotated image here")
+    a.add_argument("--json", action="store_true", help="print the answer (batch: the summary) as JSON")
+    a.add_argument("--out", help="the annotated picture (one image) or the results folder (--images)")
     a.add_argument("--show-proposals", action="store_true", help="draw the proposal boxes too")
     a.set_defaults(func=cmd_ask)
 

@@ -126,7 +126,8 @@ FINISH = {"text": 1, "start": 5, "phrase": 4, "need-objs": 3, "first": 2, "indic
 
 @torch.no_grad()
 def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constrained: bool = True) -> list[Generated]:
-    """Greedy answers for a left-padded batch from ``PerceiverProcessor.collate(..., pad_left=True)``."""
+    """Greedy answers for a left-padded batch from ``PerceiverProcessor.collate(..., pad_left=True)``, with
+    pixel tensors or with ``visual``, the output of ``encode_visual`` for the same boxes."""
     attention = batch["attention_mask"]
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(**{k: v for k, v in batch.items() if k in _FORWARD_KEYS}, position_ids=position_ids, use_cache=True)
@@ -181,4 +182,4 @@ def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constraine
     return results
 
 
-_FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")
+_FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask", "visual")

@@ -182,15 +182,29 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
     # forward with losses
     # ------------------------------------------------------------------------------------------
 
-    def forward(
+    def encode_visual(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         pixel_low: torch.Tensor,
         pixel_high: torch.Tensor,
         rgb_high: torch.Tensor,
         boxes: torch.Tensor,
         box_mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Everything the language model needs from the pixels; reusable across questions on one image."""
+        image_tokens, levels = self.encode_image(pixel_low, pixel_high)
+        obj_feats, obj_tokens = self.encode_objects(levels, rgb_high, boxes, box_mask)
+        return {"image_tokens": image_tokens, "object_features": obj_feats, "object_tokens": obj_tokens}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        boxes: torch.Tensor,
+        box_mask: torch.Tensor,
+        pixel_low: torch.Tensor | None = None,
+        pixel_high: torch.Tensor | None = None,
+        rgb_high: torch.Tensor | None = None,
+        visual: dict[str, torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         index_sets: torch.Tensor | None = None,
         group_positions: torch.Tensor | None = None,
@@ -199,9 +213,12 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
     ) -> PerceiverOutput:
-        image_tokens, levels = self.encode_image(pixel_low, pixel_high)
-        obj_feats, obj_tokens = self.encode_objects(levels, rgb_high, boxes, box_mask)
-        embeds = self.embed(input_ids, image_tokens, obj_tokens, box_mask)
+        if visual is None:
+            if pixel_low is None or pixel_high is None or rgb_high is None:
+                raise ValueError("forward needs the pixel tensors or precomputed visual tokens")
+            visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes, box_mask)
+        obj_feats = visual["object_features"]
+        embeds = self.embed(input_ids, visual["image_tokens"], visual["object_tokens"], box_mask)
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask,
                                         position_ids=position_ids, use_cache=use_cache)  # fmt: skip
         hidden = out.last_hidden_state

@@ -95,9 +95,14 @@ class WorldTasks:
         rng.shuffle(order)
         return boxes[order], [ids[k] for k in order]
 
-    def item(self, index: int, task: str | None = None, proposals: np.ndarray | None = None) -> Item:
+    def scene(self, index: int) -> Scene:
+        return generate_scene(self.seed * 1_000_003 + index, self.world)
+
+    def item(
+        self, index: int, task: str | None = None, proposals: np.ndarray | None = None, scene: Scene | None = None
+    ) -> Item:
         rng = random.Random(self.seed * 1_000_003 + index)
-        scene = generate_scene(self.seed * 1_000_003 + index, self.world)
+        scene = scene if scene is not None else self.scene(index)
         lang = describe(scene, self.world)
         boxes, box_objects = self.boxes_for(scene, rng, proposals)
         for _ in range(10):
@@ -114,11 +119,11 @@ class WorldTasks:
         )
 
     def batch(self, indices: list[int], task: str | None = None) -> tuple[dict, list[Item]]:
+        scenes = [self.scene(i) for i in indices]
         proposals: list[np.ndarray | None] = [None] * len(indices)
         if self.upn is not None:
-            scenes = [generate_scene(self.seed * 1_000_003 + i, self.world) for i in indices]
             proposals = list(propose(self.upn, [s.image for s in scenes]))
-        items = [self.item(i, task, p) for i, p in zip(indices, proposals, strict=True)]
+        items = [self.item(i, task, p, s) for i, p, s in zip(indices, proposals, scenes, strict=True)]
         pixels, _ = self.processor.images([it.image for it in items])
         batch = self.processor.collate([it.example for it in items], [it.boxes for it in items])
         k = batch["boxes"].shape[1]

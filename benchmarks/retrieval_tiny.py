@@ -1,0 +1,47 @@
+"""The tiny retrieval model against issue 4's targets, on held-out world scenes with its own proposals.
+
+    python benchmarks/retrieval_tiny.py [--model checkpoints/tiny] [--n 100] [--train-log out/tiny/train_log.jsonl]
+
+Prints the targets table (measured, target, met), referring by domain, throughput of ``ask`` at
+batch 1 and 16, and, given the training log, training speed per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from perceive.eval import benchmark
+from perceive.eval.report import markdown
+from perceive.perceiver import Perceiver
+
+
+def training_speed(log: Path) -> str:
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    lines = ["| phase | steps | steps/s (last) |", "|---|---|---|"]
+    for phase in ("upn", "mllm"):
+        pts = [r for r in rows if r["phase"] == phase]
+        if pts:
+            lines.append(f"| {phase} | {pts[-1]['step']} | {pts[-1]['steps_per_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--train-log", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    report = benchmark.run(Perceiver.from_pretrained(args.model), n=args.n, progress=False)
+    sys.stdout.write(markdown(report))
+    if args.train_log and args.train_log.is_file():
+        sys.stdout.write("\n## training speed\n\n" + training_speed(args.train_log))
+    if args.out:
+        benchmark.write(report, args.out)
+
+
+if __name__ == "__main__":
+    main()

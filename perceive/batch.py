@@ -1,0 +1,120 @@
+"""``perceive ask --images FOLDER_OR_JSONL --question "..." --out OUT``: many images, resumable.
+
+Inputs: a folder (its image files, sorted by name) or a JSONL file of ``{"image": path, "question"?:
+str, "id"?: str}`` (relative paths are relative to the JSONL file). Outputs in ``OUT``:
+``results.jsonl`` (one line per image: its id, image, question and the ``ask --json`` answer, or an
+``error``), ``coco_results.json`` (objects whose phrase names a world category, with their
+confidence as score) and, with ``draw``, ``annotated/<id>.png``. Lines are appended as answers come,
+so an interrupted run picks up after the last finished image; an image that failed is recorded and
+not retried.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def list_inputs(source: str | Path, question: str | None) -> list[dict]:
+    src = Path(source)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no image files in {src}")
+        if question is None:
+            raise ValueError("--question is required with a folder of images")
+        return [{"id": p.stem, "image": str(p), "question": question} for p in files]
+    if not src.is_file():
+        raise FileNotFoundError(f"no such folder or JSONL file: {src}")
+    items = []
+    for lineno, line in enumerate(src.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{src}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+            raise ValueError(f"{src}:{lineno}: expected an object with an 'image' path")
+        q = rec.get("question", question)
+        if not isinstance(q, str) or not q:
+            raise ValueError(f"{src}:{lineno}: no question (give one in the line or with --question)")
+        path = Path(rec["image"])
+        items.append(
+            {
+                "id": str(rec.get("id", path.stem)),
+                "image": str(path if path.is_absolute() else src.parent / path),
+                "question": q,
+            }
+        )
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{src}: ids repeat; give each line a unique 'id'")
+    return items
+
+
+def run(
+    perceiver,
+    source: str | Path,
+    question: str | None,
+    out: str | Path,
+    draw: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    from tqdm import tqdm
+
+    from perceive.images import ImageError, load_image
+    from perceive.world.scene import CATEGORY_IDS
+
+    items = list_inputs(source, question)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = set()
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by an interruption: its image is asked again
+    pending = [it for it in items if it["id"] not in done]
+    if draw:
+        (out / "annotated").mkdir(exist_ok=True)
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="ask", unit="image", disable=not progress)
+    with open(results, "a") as f:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            good, arrays = [], []
+            for it in chunk:
+                try:
+                    arrays.append(load_image(it["image"]))
+                    good.append(it)
+                except ImageError as e:
+                    f.write(json.dumps({**it, "error": str(e)}) + "\n")
+            if good:
+                answers = perceiver.ask_batch(arrays, [it["question"] for it in good])
+                for it, arr, ans in zip(good, arrays, answers, strict=True):
+                    f.write(json.dumps({**it, **ans.to_json()}) + "\n")
+                    if draw:
+                        ans.draw(arr).save(out / "annotated" / f"{it['id']}.png")
+            f.flush()
+            bar.update(len(chunk))
+    bar.close()
+    order = {it["id"]: i + 1 for i, it in enumerate(items)}
+    coco, errors, answered = [], 0, 0
+    for line in results.read_text().splitlines():
+        rec = json.loads(line)
+        if "error" in rec:
+            errors += 1
+            continue
+        answered += 1
+        for o in rec["objects"]:
+            if o["phrase"] in CATEGORY_IDS and rec["id"] in order:
+                x0, y0, x1, y1 = o["box"]
+                coco.append({"image_id": order[rec["id"]], "category_id": CATEGORY_IDS[o["phrase"]],
+                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": o["score"]})  # fmt: skip
+    (out / "coco_results.json").write_text(json.dumps(coco))
+    return {"images": len(items), "answered": answered, "errors": errors, "skipped_as_done": len(items) - len(pending)}
