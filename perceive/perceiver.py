@@ -8,6 +8,7 @@ input image's pixels and a confidence: the proposal's score times the probabilit
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -26,6 +27,13 @@ from perceive.processing import ImageFrame, PerceiverProcessor
 from perceive.tokenization import detokenize, load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
+_GROUNDING = re.compile("^" + re.escape(TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
+
+
+def grounding_phrases(question: str) -> list[str] | None:
+    """The phrases of a question in ChatRex's grounding template ("Please detect X; Y in this image. ..."), or None."""
+    m = _GROUNDING.match(question.strip())
+    return [p.strip() for p in m[1].split(PHRASE_SEPARATOR.strip()) if p.strip()] if m else None
 
 
 @dataclass
@@ -176,8 +184,12 @@ class Perceiver:
         ]  # fmt: skip
 
     @torch.no_grad()
-    def answer(self, encoded: list[EncodedImage], questions: list[str], max_new_tokens: int = 96) -> list[Answer]:
-        """Answer one question per encoded image."""
+    def answer(
+        self, encoded: list[EncodedImage], questions: list[str], max_new_tokens: int = 96, force_phrases: bool = True
+    ) -> list[Answer]:
+        """Answer one question per encoded image. With ``force_phrases``, a grounding question (ChatRex's
+        detection template) gets its asked phrases written by the decoder and the model picks the
+        indices of each (see ``perceive.models.decoding.generate``)."""
         if len(encoded) != len(questions):
             raise ValueError(f"{len(encoded)} images but {len(questions)} questions")
         limit = self.model.config.text().max_position_embeddings - max_new_tokens
@@ -197,7 +209,8 @@ class Perceiver:
                 parts = [torch.nn.functional.pad(p, (0, 0, 0, k - p.shape[1])) for p in parts]
             visual[key] = torch.cat(parts)
         batch["visual"] = visual
-        generated = generate(self.model, batch, self.tokenizer, max_new_tokens=max_new_tokens)
+        phrases = [grounding_phrases(q) if force_phrases else None for q in questions]
+        generated = generate(self.model, batch, self.tokenizer, max_new_tokens=max_new_tokens, phrases=phrases)
         answers = []
         for g, enc in zip(generated, encoded, strict=True):
             text = detokenize(self.tokenizer.convert_ids_to_tokens(g.token_ids))

@@ -150,3 +150,18 @@ def test_named_configs():
         named_config("huge")
     with pytest.raises(ValueError, match="layout"):
         PerceiverConfig(layout="sideways")
+
+
+def test_forced_phrases_give_the_asked_structure(world_tokenizer, micro_config):
+    model = _model(micro_config).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    data = WorldTasks(proc, WORLD, seed=5)
+    items = [data.item(i) for i in range(3)]
+    asked = [["circle"], ["the red square", "person"], ["star", "cup", "flag"]]
+    batch = proc.collate([proc.example("please detect", len(it.boxes)) for it in items], [it.boxes for it in items],
+                         pad_left=True)  # fmt: skip
+    batch.update(proc.images([it.image for it in items])[0])
+    out = generate(model, batch, world_tokenizer, max_new_tokens=60, phrases=asked)
+    for g, it, phrases in zip(out, items, asked, strict=True):
+        parsed = chatrex.parse(detokenize(world_tokenizer.convert_ids_to_tokens(g.token_ids)), len(it.boxes))
+        assert [grp.phrase for grp in parsed.groups] == phrases and parsed.problems == ()

@@ -119,15 +119,40 @@ class GrammarMasks:
         return "text"  # "close": </objects>
 
 
+def _plan(tokenizer, masks: GrammarMasks, phrases: list[str]) -> list[int]:
+    """Tokens the decoder writes for a grounding answer: each group's opening, phrase and <objects>."""
+    out: list[int] = []
+    for phrase in phrases:
+        out += [masks.ground_open, *tokenizer(phrase, add_special_tokens=False)["input_ids"], masks.ground_close,
+                masks.objects_open]  # fmt: skip
+    return out
+
+
 NONE_WORD = "None"
 # tokens a state needs to end well-formed: e.g. a phrase needs </ground> <objects> None </objects>
 FINISH = {"text": 1, "start": 5, "phrase": 4, "need-objs": 3, "first": 2, "indices": 1, "close": 1}
 
 
 @torch.no_grad()
-def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constrained: bool = True) -> list[Generated]:
+def generate(
+    model,
+    batch: dict,
+    tokenizer,
+    max_new_tokens: int = 96,
+    constrained: bool = True,
+    forced: list[list[int]] | None = None,
+    phrases: list[list[str] | None] | None = None,
+) -> list[Generated]:
     """Greedy answers for a left-padded batch from ``PerceiverProcessor.collate(..., pad_left=True)``, with
-    pixel tensors or with ``visual``, the output of ``encode_visual`` for the same boxes."""
+    pixel tensors or with ``visual``, the output of ``encode_visual`` for the same boxes.
+
+    ``forced`` supplies each sample's tokens instead of the argmax (then EOS), through the very same
+    loop: it measures what an answer of a given length costs to decode, whatever the model would say.
+
+    ``phrases`` (per sample, or None) are the phrases a grounding question asked for: the decoder then
+    writes ``<ground>phrase</ground><objects>`` for each in turn itself and the model chooses only
+    the indices (or None) of each group: the answer's structure is the question's, its content the
+    model's."""
     attention = batch["attention_mask"]
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(**{k: v for k, v in batch.items() if k in _FORWARD_KEYS}, position_ids=position_ids, use_cache=True)
@@ -142,6 +167,7 @@ def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constraine
     states = ["text"] * b
     used: list[set[int]] = [set() for _ in range(b)]
     next_pos = position_ids[:, -1] + 1
+    plans = [_plan(tokenizer, masks, p) if p else None for p in (phrases or [None] * b)]
     for step in range(max_new_tokens):
         chosen = []
         for i in range(b):
@@ -158,6 +184,11 @@ def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constraine
                 row = row.masked_fill(~allow.to(row.device), float("-inf"))
             probs = row.softmax(-1)
             tok = int(row.argmax())
+            if forced is not None:
+                tok = forced[i][step] if step < len(forced[i]) else masks.eos
+            plan = plans[i]
+            if plan is not None and states[i] not in ("first", "indices", "close"):
+                tok = plan.pop(0) if plan else masks.eos  # the decoder writes the asked phrase itself
             chosen.append(tok)
             r = results[i]
             if tok == masks.eos:
@@ -167,7 +198,7 @@ def generate(model, batch: dict, tokenizer, max_new_tokens: int = 96, constraine
             k = (masks.obj_ids == tok).nonzero()
             if len(k) and states[i] in ("first", "indices"):
                 r.index_probs.append((int(k[0, 0]), float(probs[tok])))
-            if constrained:
+            if constrained and forced is None:
                 states[i] = masks.advance(states[i], tok, used[i])
         if all(r.finished for r in results):
             break
