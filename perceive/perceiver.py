@@ -15,6 +15,7 @@ from typing import cast
 
 import numpy as np
 import torch
+from PIL import Image
 
 from perceive.data.tasks import PHRASE_SEPARATOR, TEMPLATES
 from perceive.formats import chatrex
@@ -41,11 +42,15 @@ class GroundedObject:
     phrase: str
     index: int
     box: list[float]  # xyxy pixels of the input image
-    score: float
+    score: float  # the proposal's score times the probability of the index
+    mask: dict | None = None  # COCO RLE, from models with a mask decoder (the retrieval model has none)
 
     def to_json(self) -> dict:
-        return {"phrase": self.phrase, "index": self.index, "box": [round(v, 2) for v in self.box],
-                "score": round(self.score, 4)}  # fmt: skip
+        out = {"phrase": self.phrase, "index": self.index, "box": [round(v, 2) for v in self.box],
+               "score": round(self.score, 4)}  # fmt: skip
+        if self.mask is not None:
+            out["mask"] = self.mask
+        return out
 
 
 @dataclass
@@ -122,8 +127,8 @@ class Perceiver:
         size = self.upn.config.image_size
         square = np.zeros((frame.side, frame.side, 3), dtype=np.uint8)
         square[: image.shape[0], : image.shape[1]] = image
-        t = torch.from_numpy(square).permute(2, 0, 1).float()[None] / 255
-        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        small = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
+        t = torch.from_numpy(small.copy()).permute(2, 0, 1).float()[None] / 255
         out = self.upn.propose(normalize_image(t), max_proposals=self.model.config.max_objects)[0]
         boxes = frame.to_pixels(out["boxes"].numpy() / size)
         return boxes, out["scores"].numpy()
@@ -226,13 +231,21 @@ class Perceiver:
 
     def detect(self, image, phrases: list[str], boxes=None) -> Answer:
         """Detection / referring of one or several phrases (ChatRex's grounding template)."""
-        if not phrases:
-            raise ValueError("detect needs at least one phrase")
-        return self.ask(image, TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(phrases)), boxes)
+        return self.detect_batch([image], [phrases], None if boxes is None else [boxes])[0]
+
+    def detect_batch(self, images: list, phrases: list[list[str]], boxes: list | None = None) -> list[Answer]:
+        if any(not p for p in phrases):
+            raise ValueError("detect needs at least one phrase per image")
+        questions = [TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(p)) for p in phrases]
+        return self.ask_batch(images, questions, boxes)
 
     def describe(self, image, box, granularity: str = "region_phrase") -> Answer:
         """A region caption of ``box`` (xyxy pixels) at a ChatRex granularity: region_category,
         region_phrase, region_brief or region_sentence. The box is given as the model's only box."""
+        return self.describe_batch([image], [box], granularity)[0]
+
+    def describe_batch(self, images: list, boxes: list, granularity: str = "region_phrase") -> list[Answer]:
         if granularity not in ("region_category", "region_phrase", "region_brief", "region_sentence"):
             raise ValueError(f"unknown granularity {granularity!r}")
-        return self.ask(image, TEMPLATES[granularity].format(obj="<obj0>"), boxes=[list(box)])
+        question = TEMPLATES[granularity].format(obj="<obj0>")
+        return self.ask_batch(images, [question] * len(images), [[list(b)] for b in boxes])
