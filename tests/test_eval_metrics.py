@@ -279,3 +279,16 @@ def test_minilm_is_the_real_sentence_encoder():
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2 and e[0] @ e[3] == pytest.approx(1.0, abs=1e-5)
     m = text.region_classification(["circle"], ["circle"])
     assert m["SS"] == pytest.approx(1.0, abs=1e-5) and m["S-IoU"] == 1.0
+
+
+def test_humanref_all_rejection_file_and_duplicate_predictions():
+    r = referring.humanref(
+        [_sample("r1", [], domain="rejection"), _sample("r2", [], domain="rejection")], {"r2": [[0, 0, 1, 1]]}
+    )
+    assert r.overall == dict.fromkeys(referring.BOX_KEYS) and r.by_domain == {}
+    assert r.rejection == {"correct": 1, "total": 2, "rate": 0.5}
+    # the same right box twice: one match, the copy costs precision and density
+    box = [0, 0, 10, 10]
+    d = referring.humanref([_sample("a", [box])], {"a": [box, box]})
+    assert d.overall["R@0.5"] == 1.0 and d.overall["P@0.5"] == 0.5
+    assert d.overall["DF1@0.5"] == pytest.approx(2 * 0.5 / 1.5 * 0.5)

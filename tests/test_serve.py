@@ -71,16 +71,22 @@ def test_size_limit_bomb_token_and_queue(perceiver, monkeypatch):
     r = small.post("/v1/ask", files={"image": ("s.png", _png(), "image/png")}, data={"question": "hi"})
     assert r.status_code == 413
     from perceive import images
+
     monkeypatch.setattr(images, "MAX_PIXELS", 100)
-    r = TestClient(create_app(perceiver)).post("/v1/ask", files={"image": ("s.png", _png(), "image/png")},
-                                               data={"question": "hi"})
+    r = TestClient(create_app(perceiver)).post(
+        "/v1/ask", files={"image": ("s.png", _png(), "image/png")}, data={"question": "hi"}
+    )
     assert r.status_code == 400 and "limit" in r.json()["detail"]
     monkeypatch.undo()
     secured = TestClient(create_app(perceiver, token="s3cret"))
     r = secured.post("/v1/ask", files={"image": ("s.png", _png(), "image/png")}, data={"question": "hi"})
     assert r.status_code == 401
-    r = secured.post("/v1/ask", files={"image": ("s.png", _png(), "image/png")}, data={"question": QUESTION},
-                     headers={"Authorization": "Bearer s3cret"})
+    r = secured.post(
+        "/v1/ask",
+        files={"image": ("s.png", _png(), "image/png")},
+        data={"question": QUESTION},
+        headers={"Authorization": "Bearer s3cret"},
+    )
     assert r.status_code == 200
     full = TestClient(create_app(perceiver, Limits(queue_size=0)))
     r = full.post("/v1/ask", files={"image": ("s.png", _png(), "image/png")}, data={"question": "hi"})

@@ -175,7 +175,7 @@ def run(
     pr = detection.precision_recall(coco, results_coco)
     ap = detection.coco_ap(coco, results_coco)
     ref = referring.humanref(samples, preds)
-    df1 = [ref.by_domain[d]["DF1@0.5"] for d in DOMAINS if d in ref.by_domain]
+    df1 = [float(ref.by_domain[d]["DF1@0.5"] or 0.0) for d in DOMAINS if d in ref.by_domain]
     throughput = _throughput(perceiver, scenes, proposals)
     measured = {
         "UPN recall instances": hits["instance"][0] / max(1, hits["instance"][1]),

@@ -74,7 +74,7 @@ def _humanref(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report,
     preds = load_humanref_predictions(args.pred, {s.id for s in samples}, problems)
     r = humanref(samples, preds)
     keys = list(r.overall)
-    rows = [["all", r.counts.get("samples", 0), *[r.overall[k] for k in keys]]]
+    rows: list[list[object]] = [["all", r.counts.get("samples", 0), *[r.overall[k] for k in keys]]]
     rows += [[d, r.counts.get(f"domain:{d}", 0), *[v[k] for k in keys]] for d, v in r.by_domain.items()]
     tables = [
         rep.Table("by domain (non-rejection samples)", ["domain", "n", *keys], rows),

@@ -129,10 +129,10 @@ def count_bucket(n: int) -> str:
 
 @dataclass
 class HumanRefResult:
-    overall: dict[str, float]
-    by_domain: dict[str, dict[str, float]]
-    by_sub_domain: dict[str, dict[str, float]]
-    by_count: dict[str, dict[str, float]]
+    overall: dict[str, float | None]
+    by_domain: dict[str, dict[str, float | None]]
+    by_sub_domain: dict[str, dict[str, float | None]]
+    by_count: dict[str, dict[str, float | None]]
     rejection: dict[str, float]
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -141,9 +141,14 @@ class HumanRefResult:
         return {"all": self.overall, **self.by_domain, "rejection": self.rejection}
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = rows[0].keys() if rows else []
-    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+BOX_KEYS = ("R@0.5", "P@0.5", "DF1@0.5", "R@0.5:0.95", "P@0.5:0.95", "DF1@0.5:0.95")
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float | None]:
+    """Per-key means over samples; with no samples (an all-rejection file) every value is None."""
+    if not rows:
+        return dict.fromkeys(BOX_KEYS)
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 def humanref(samples: Sequence, predictions: dict[str, list[list[float]]]) -> HumanRefResult:
