@@ -131,7 +131,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Index answers versus coordinates: train both, evaluate, time decoding (perceive.compare)."""
+    from pathlib import Path
+
+    from perceive import compare
+    from perceive.cli import CliError
+    from perceive.models.modeling_upn import UpnModel
+    from perceive.perceiver import DEFAULT_MODEL
+
+    upn_dir = Path(args.upn) if args.upn else DEFAULT_MODEL / "upn"
+    if not (upn_dir / "model.safetensors").is_file():
+        raise CliError(f"no trained UPN at {upn_dir} (train one with perceive train, or pass --upn)")
+    cfg = compare.CompareConfig(steps=args.steps, eval_scenes=args.eval_scenes, batch_size=args.batch_size)
+    report = compare.run(cfg, args.out, UpnModel.from_pretrained(str(upn_dir)), progress=not args.quiet)
+    sys.stdout.write(compare.markdown(report))
+    print(f"\nwrote {Path(args.out) / 'comparison.json'} and comparison.png")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compare", help="index answers versus coordinate text: train both, measure both")
+    c.add_argument("--out", required=True)
+    c.add_argument("--steps", type=int, default=800, help="training steps for each model")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--eval-scenes", type=int, default=60)
+    c.add_argument("--upn", default=None, help="a trained UPN folder (default: checkpoints/tiny/upn)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compare)
+
     s = sub.add_parser("serve", help="a JSON API and a web page over a trained model")
     s.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

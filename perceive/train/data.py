@@ -61,6 +61,7 @@ class WorldTasks:
         seed: int = 0,
         task_weights: dict[str, float] | None = None,
         upn=None,
+        answer_format: str = "indices",
     ) -> None:
         self.processor = processor
         self.world = world
@@ -72,6 +73,11 @@ class WorldTasks:
         self.tasks = [t for t in weights if weights[t] > 0]
         self.weights = [weights[t] for t in self.tasks]
         self.upn = upn
+        if answer_format not in ("indices", "coordinates"):
+            raise ValueError(f"answer_format must be 'indices' or 'coordinates', got {answer_format!r}")
+        if answer_format == "coordinates" and set(self.tasks) - {"detect", "refer"}:
+            raise ValueError("the coordinate format is for detection and referring tasks only")
+        self.answer_format = answer_format
 
     def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:
         gt = np.array([o.box for o in scene.objects], dtype=np.float32)
@@ -112,8 +118,12 @@ class WorldTasks:
                 break
         else:  # pragma: no cover - "detect" always works
             raise RuntimeError("no task could be posed")
-        ex = self.processor.example(qa.question, len(boxes), qa.answer, qa.groups, rng)
         side = scene.size
+        if self.answer_format == "coordinates":  # no boxes in; every box written out in 0-999 bins
+            qa.answer = coordinate_answer(scene, qa.phrases, [[box_objects[k] for k in g] for g in qa.groups])
+            ex = self.processor.example(qa.question, 0, qa.answer)
+            return Item(ex, scene.image, np.zeros((0, 4), dtype=np.float32), [], [], scene, qa)
+        ex = self.processor.example(qa.question, len(boxes), qa.answer, qa.groups, rng)
         return Item(
             ex, scene.image, boxes / side, box_objects, [attribute_targets(scene, o) for o in box_objects], scene, qa
         )
@@ -133,6 +143,19 @@ class WorldTasks:
                 attrs[i, : len(it.attributes)] = torch.tensor(it.attributes)
         batch.update(pixels, attribute_labels=attrs)
         return batch, items
+
+
+def coordinate_answer(scene: Scene, phrases: list[str], groups: list[list[int | None]]) -> str:
+    """The coordinate baseline's answer (Qwen-VL style): ``phrase [x0, y0, x1, y1], [...]`` per line in
+    0-999 bins of the image, ``phrase None`` for a group with no object."""
+    from perceive.formats import coords
+
+    lines = []
+    for phrase, objs in zip(phrases, groups, strict=True):
+        boxes = [coords.TextBox(phrase, coords.quantize(scene.get(o).box, (scene.size, scene.size)))
+                 for o in objs if o is not None]  # fmt: skip
+        lines.append(coords.render(boxes) if boxes else f"{phrase} None")
+    return "\n".join(lines)
 
 
 def propose(upn, images: list[np.ndarray]) -> list[np.ndarray]:
