@@ -140,9 +140,11 @@ def test_the_page_in_a_real_browser(perceiver, tmp_path):
             assert n_props > 0
             answer = json.loads(page.evaluate("JSON.stringify(last)"))
             assert n_objs == sum(1 for _ in answer["objects"])
-            if answer["objects"]:  # hovering a phrase highlights its boxes
-                page.hover(".turn .phrase")
-                assert page.locator("#overlay rect.obj.hot").count() > 0
+            if answer["objects"]:  # hovering a phrase with objects highlights exactly its boxes
+                phrase = answer["objects"][0]["phrase"]
+                page.locator(".turn").first.locator(".phrase", has_text=phrase).first.hover()
+                want = sum(o["phrase"] == phrase for o in answer["objects"])
+                assert page.locator("#overlay rect.obj.hot").count() == want
             # a follow-up reuses the encoded image
             page.click("#send")
             page.wait_for_function("document.querySelectorAll('.turn').length >= 2", timeout=60_000)
