@@ -50,20 +50,19 @@ def main() -> None:
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}/v1/ask"
-    images = [png(i) for i in range(args.requests + 12)]
+    images = [png(i) for i in range(args.requests * len(args.clients))]  # a new image for every request
+    fresh = [png(10_000 + i) for i in range(12)]  # never sent during the load phase, so never cached
 
-    def first(i: int) -> tuple[float, str]:
+    def first(i: int, pool: list[bytes] = images) -> tuple[float, str]:
         t0 = time.perf_counter()
-        r = httpx.post(url, files={"image": ("s.png", images[i], "image/png")}, data={"question": QUESTION},
+        r = httpx.post(url, files={"image": ("s.png", pool[i], "image/png")}, data={"question": QUESTION},
                        timeout=600)  # fmt: skip
         r.raise_for_status()
         return time.perf_counter() - t0, r.headers["X-Image-Id"]
 
     print("| clients | requests | requests/s | median latency (s) | p90 latency (s) |\n|---|---|---|---|---|")
-    offset = 0
-    for c in args.clients:
-        idx = [(offset + k) % len(images) for k in range(args.requests)]
-        offset += args.requests
+    for r, c in enumerate(args.clients):
+        idx = list(range(r * args.requests, (r + 1) * args.requests))
         t0 = time.perf_counter()
         with ThreadPoolExecutor(c) as pool:
             lat = [x for x, _ in pool.map(first, idx)]
@@ -73,8 +72,8 @@ def main() -> None:
               f"{lat[int(0.9 * (len(lat) - 1))]:.3f} |")  # fmt: skip
 
     firsts, follows = [], []
-    for i in range(len(images) - 12, len(images)):
-        t, key = first(i)
+    for i in range(len(fresh)):
+        t, key = first(i, fresh)
         firsts.append(t)
         t0 = time.perf_counter()
         # the same question again, by image_id: only the reuse of the encoded image differs
