@@ -34,8 +34,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--train-log", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--free-phrases", action="store_true", help="the model writes the asked phrases itself too")
     args = ap.parse_args()
-    report = benchmark.run(Perceiver.from_pretrained(args.model), n=args.n, progress=False)
+    report = benchmark.run(Perceiver.from_pretrained(args.model), n=args.n, progress=False,
+                           force_phrases=not args.free_phrases)  # fmt: skip
     sys.stdout.write(markdown(report))
     if args.train_log and args.train_log.is_file():
         sys.stdout.write("\n## training speed\n\n" + training_speed(args.train_log))

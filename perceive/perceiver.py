@@ -144,10 +144,11 @@ class Perceiver:
         boxes: list | None = None,
         scores: list | None = None,
         max_new_tokens: int = 96,
+        force_phrases: bool = True,
     ) -> list[Answer]:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        return self.answer(self.encode_batch(images, boxes, scores), questions, max_new_tokens)
+        return self.answer(self.encode_batch(images, boxes, scores), questions, max_new_tokens, force_phrases)
 
     @torch.no_grad()
     def encode_batch(self, images: list, boxes: list | None = None, scores: list | None = None) -> list[EncodedImage]:

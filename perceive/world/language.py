@@ -74,7 +74,7 @@ class NounPhrase:
         if self.kind == "person":
             words = "people" if plural else "person"
             if self.shirt:
-                words += f" in {self.shirt} shirts" if plural else f" in a {self.shirt} shirt"
+                words += f" in {self.shirt} shirts" if plural else f" in {article(self.shirt)} {self.shirt} shirt"
             if self.hat is not None:
                 words += " with a hat" if self.hat else " without a hat"
             return words
