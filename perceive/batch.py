@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from perceive.data.readers import iter_jsonl
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -29,14 +31,8 @@ def list_inputs(source: str | Path, question: str | None) -> list[dict]:
     if not src.is_file():
         raise FileNotFoundError(f"no such folder or JSONL file: {src}")
     items = []
-    for lineno, line in enumerate(src.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{src}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+    for lineno, rec in iter_jsonl(src):
+        if not isinstance(rec.get("image"), str):
             raise ValueError(f"{src}:{lineno}: expected an object with an 'image' path")
         q = rec.get("question", question)
         if not isinstance(q, str) or not q:

@@ -35,7 +35,8 @@ def _load_json(path: str | Path) -> object:
         raise FormatError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
-def _jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line; ``FormatError`` names the line that is not a JSON object."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
@@ -143,7 +144,7 @@ class HumanRefSample:
 
 def read_humanref(path: str | Path) -> list[HumanRefSample]:
     samples = []
-    for lineno, rec in _jsonl(path):
+    for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
         sample = HumanRefSample(
             id=str(_require(rec, "id", (str, int), where)),
@@ -213,7 +214,7 @@ def read_panoptic(json_path: str | Path, png_dir: str | Path) -> Iterator[tuple[
 
 def read_language(path: str | Path) -> list[dict]:
     records = []
-    for lineno, rec in _jsonl(path):
+    for lineno, rec in iter_jsonl(path):
         _require(rec, "type", str, f"{path}:{lineno}")
         records.append(rec)
     return records
