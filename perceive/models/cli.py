@@ -172,7 +172,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model from scratch on the synthetic world (resumes if interrupted)")
     t.add_argument("--config", default="tiny", help="training recipe: tiny (default) or smoke")
     t.add_argument("--out", required=True, help="output folder (checkpoints, logs, the final model)")
-    t.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop each phase after this many steps in this run (run again to resume)",
+    )
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 

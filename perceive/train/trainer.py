@@ -221,8 +221,9 @@ def train_upn(
 
 
 def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_after: int | None = None) -> Path:
-    """Train a model into ``out`` (resuming whatever is there). ``stop_after`` ends the call after that
-    many steps (for tests and for splitting long runs); run it again to continue."""
+    """Train a model into ``out`` (resuming whatever is there). ``stop_after`` ends each phase (UPN,
+    MLLM) of this call after that many steps (for tests and for splitting long runs); run it again to
+    continue."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -265,9 +266,8 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
         out_.loss.backward()
         return {"loss": out_.loss.detach(), **{k: v.detach() for k, v in out_.losses.items()}}
 
-    remaining = None if stop_after is None else stop_after
     end = _loop("mllm", out, model, optimizer, recipe.total_steps, step_fn, recipe.checkpoint_every, ddp, progress,
-                log, remaining)  # fmt: skip
+                log, stop_after)  # fmt: skip
     if end >= recipe.total_steps and ddp.main:
         model.save_pretrained(str(out / "model"))
         tokenizer.save_pretrained(str(out / "model"))
