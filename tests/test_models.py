@@ -165,3 +165,13 @@ def test_forced_phrases_give_the_asked_structure(world_tokenizer, micro_config):
     for g, it, phrases in zip(out, items, asked, strict=True):
         parsed = chatrex.parse(detokenize(world_tokenizer.convert_ids_to_tokens(g.token_ids)), len(it.boxes))
         assert [grp.phrase for grp in parsed.groups] == phrases and parsed.problems == ()
+
+
+def test_losses_stay_finite_without_groups_or_boxes(world_tokenizer, micro_config):
+    """A batch with no <objects> group (and no boxes) must not log NaN: impossible indices are -inf."""
+    model = _model(micro_config)
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    data = WorldTasks(proc, WORLD, seed=6, task_weights={"detect": 1.0}, answer_format="coordinates")
+    batch, _ = data.batch([0, 1])
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and all(torch.isfinite(v) for v in out.losses.values())

@@ -261,8 +261,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         """At each ``<objects>`` token: does each box belong to this group? (sigmoid of its index logit)"""
         obj_ids = torch.tensor(self.config.obj_token_ids[: box_mask.shape[1]], device=logits.device)
         valid = positions >= 0  # [B, G]
-        if not valid.any():
-            return logits.sum() * 0
+        if not valid.any():  # no group in this batch (a plain zero: logits hold -inf, and -inf * 0 is NaN)
+            return torch.zeros((), device=logits.device)
         bidx = torch.arange(positions.shape[0], device=logits.device)[:, None].expand_as(positions)
         obj_logits = logits[bidx[valid], positions[valid]][:, obj_ids]  # [N, K]
         target = members[valid].float()
