@@ -68,11 +68,19 @@ def _bucket(n: int) -> str:
     return "1" if n <= 1 else "2-5" if n <= 5 else "6-10" if n <= 10 else ">10"
 
 
+COORDINATE_WORDS = (*(str(i) for i in range(1000)), "[", "]")  # the world's own language has no brackets
+
+
 def numbers_tokenizer(out: Path):
+    """The world tokenizer plus the numbers 0-999 and brackets, shared by both models."""
     path = out / "tokenizer"
     if not (path / "tokenizer.json").is_file():
-        build_world_tokenizer([*world_vocabulary(), *(str(i) for i in range(1000))]).save_pretrained(str(path))
-    return load_tokenizer(path)
+        build_world_tokenizer([*world_vocabulary(), *COORDINATE_WORDS]).save_pretrained(str(path))
+    tok = load_tokenizer(path)
+    missing = [w for w in COORDINATE_WORDS if w not in tok.get_vocab()]
+    if missing:  # a folder saved before the brackets were added: append them, existing ids unchanged
+        tok.add_tokens(missing)
+    return tok
 
 
 def train_pair(

@@ -10,6 +10,14 @@ from perceive.train.data import coordinate_answer
 from perceive.world.generator import WorldConfig, generate_scene
 
 
+def test_coordinate_answers_tokenize_without_unknown_words(micro_config):
+    tok = _tok(micro_config)
+    scene = generate_scene(1, WorldConfig(size=256))
+    text = coordinate_answer(scene, ["circle"], [[o.id for o in scene.instances[:2]]])
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
+
+
 def test_coordinate_answers_parse_back_to_the_boxes():
     from perceive.formats import coords
 
@@ -66,5 +74,5 @@ def _tok(micro_config):
     from perceive.tokenization import build_world_tokenizer, world_vocabulary
 
     if "t" not in _TOK:
-        _TOK["t"] = build_world_tokenizer([*world_vocabulary(n_scenes=60), *(str(i) for i in range(1000))])
+        _TOK["t"] = build_world_tokenizer([*world_vocabulary(n_scenes=60), *compare.COORDINATE_WORDS])
     return _TOK["t"]
