@@ -115,3 +115,16 @@ def test_info_cli():
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert 7.5e9 < info["language model"] < 7.7e9 and info["total"] > 8e9
+
+
+def test_benchmark_reports_every_task(smoke_run, tmp_path):
+    from perceive.eval import benchmark
+    from perceive.perceiver import Perceiver
+
+    report = benchmark.run(Perceiver.from_pretrained(smoke_run / "model"), n=2, progress=False)
+    assert set(report.metrics["targets"]) == set(benchmark.TARGETS)
+    assert set(report.metrics["region_classification"]) == {"SS", "S-IoU"}
+    assert "caption_brief_cider_d" in report.metrics and report.metrics["queries"] > 10
+    benchmark.write(report, tmp_path)
+    assert "targets" in (tmp_path / "benchmark.md").read_text()
+    assert json.loads((tmp_path / "benchmark.json").read_text())["scenes"] == 2

@@ -11,6 +11,8 @@ training recipe uses, so they are held out. Measured:
 - region captions at the category granularity: the proposal that best covers each object is asked
   about; exact match of the answer with the category name;
 - counting: exact match of the number stated;
+- region classification SS and S-IoU (Osprey) of the category answers, and CIDEr-D of brief
+  grounded captions against the world's caption;
 - throughput of ``ask`` at batch 1 and batch 16.
 """
 
@@ -27,7 +29,7 @@ import torch
 from perceive.boxes import box_iou
 from perceive.data.readers import HumanRefSample
 from perceive.data.tasks import PHRASE_SEPARATOR, TEMPLATES
-from perceive.eval import detection, referring
+from perceive.eval import detection, referring, text
 from perceive.eval.report import Report, Table, markdown
 from perceive.perceiver import Perceiver
 from perceive.world.generator import WorldConfig, generate_scene
@@ -95,6 +97,8 @@ def run(
                 if iou.max() >= 0.5:
                     q = TEMPLATES["region_category"].format(obj=f"<obj{int(iou.argmax())}>")
                     queries.append((i, q, {"task": "region_category", "truth": o.category}))
+        brief = next(c for c in lang.captions if c.kind == "caption_brief")
+        queries.append((i, TEMPLATES["caption_brief"], {"task": "caption", "truth": brief.text}))
         for question in lang.questions:
             if question.kind == "count":
                 phrase = re.match(r"How many (.+) are there\?", question.question)[1]  # type: ignore[index]
@@ -123,6 +127,9 @@ def run(
     samples: list[HumanRefSample] = []
     preds: dict[str, list] = {}
     region_ok = count_ok = region_n = count_n = 0
+    region_pairs: list[tuple[str, str]] = []
+    captions: dict[str, str] = {}
+    caption_refs: dict[str, list[str]] = {}
     for (i, _, meta), ans in zip(queries, answers, strict=True):
         s = scenes[i]
         if meta["task"] == "detect":
@@ -146,6 +153,10 @@ def run(
             region_n += 1
             said = ans.objects[0].phrase if ans.objects else ans.plain  # grounded or plain answer
             region_ok += said.strip().lower() == meta["truth"]
+            region_pairs.append((said.strip(), meta["truth"]))
+        elif meta["task"] == "caption":
+            captions[str(i)] = ans.plain
+            caption_refs[str(i)] = [meta["truth"]]  # the world's caption, plain text
         else:
             count_n += 1
             m = re.search(r"\d+", ans.plain)
@@ -183,6 +194,8 @@ def run(
     ref = referring.humanref(samples, preds)
     df1 = [float(ref.by_domain[d]["DF1@0.5"] or 0.0) for d in DOMAINS if d in ref.by_domain]
     throughput = _throughput(perceiver, scenes, proposals)
+    semantic = text.region_classification([p for p, _ in region_pairs], [t for _, t in region_pairs])
+    cider = text.cider_d(captions, caption_refs)["CIDEr-D"] if captions else 0.0
     measured = {
         "UPN recall instances": hits["instance"][0] / max(1, hits["instance"][1]),
         "UPN recall parts": hits["part"][0] / max(1, hits["part"][1]),
@@ -199,6 +212,8 @@ def run(
         "humanref": ref.to_json(),
         "humanref_by_sub_domain": ref.by_sub_domain,
         "humanref_by_count": ref.by_count,
+        "region_classification": semantic,
+        "caption_brief_cider_d": cider,
         "throughput": throughput,
         "scenes": n,
         "queries": len(queries),
@@ -219,7 +234,8 @@ def run(
     ]
     notes = [
         f"{n} scenes (seed {HELD_OUT_SEED}+), {len(queries)} queries; COCO AP of detection {ap['AP']:.3f}; "
-        f"grounding phrases written by the {'decoder' if force_phrases else 'model'}"
+        f"grounding phrases written by the {'decoder' if force_phrases else 'model'}; region classification "
+        f"SS {semantic['SS']:.3f}, S-IoU {semantic['S-IoU']:.3f}; brief caption CIDEr-D {cider:.3f}"
     ]
     return Report("perceive benchmark: world suite", metrics, tables, notes)
 
