@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from perceive.boxes import rle_to_mask
-
 
 class FormatError(ValueError):
     pass
@@ -218,13 +216,3 @@ def read_language(path: str | Path) -> list[dict]:
         _require(rec, "type", str, f"{path}:{lineno}")
         records.append(rec)
     return records
-
-
-def segmentation_mask(seg: dict | list, height: int, width: int) -> np.ndarray:
-    """A boolean mask from a COCO segmentation (RLE or polygons)."""
-    if isinstance(seg, dict):
-        return rle_to_mask(seg)
-    from pycocotools import mask as coco_mask
-
-    rles = coco_mask.frPyObjects(seg, height, width)
-    return coco_mask.decode(coco_mask.merge(rles)).astype(bool)

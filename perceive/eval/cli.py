@@ -222,21 +222,23 @@ def _semantic(ids: np.ndarray, segments: list[dict], cat_index: dict[int, int]) 
     return out
 
 
+def _texts_by_id(path: str, field: str, known: set[str], problems: Problems) -> dict[str, str]:
+    """``{id: text}`` from prediction records ``{"id", field}``; unknown ids are bad records."""
+
+    def check(rec: dict, where: str) -> str | None:
+        return None if str(rec["id"]) in known else f"field 'id': unknown id {rec['id']!r}"
+
+    records = load_records(path, {"id": (str, int), field: str}, problems, (check,))
+    return {str(r["id"]): r[field] for r in records}
+
+
 def _ss(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report, dict]:
     from perceive.eval.text import region_classification
 
     gt = {
         str(r["id"]): r["category"] for r in load_records(args.gt, {"id": (str, int), "category": str}, Problems(True))
     }
-    preds = {
-        str(r["id"]): r["text"]
-        for r in load_records(
-            args.pred,
-            {"id": (str, int), "text": str},
-            problems,
-            (lambda r, w: None if str(r["id"]) in gt else f"field 'id': unknown id {r['id']!r}",),
-        )
-    }
+    preds = _texts_by_id(args.pred, "text", set(gt), problems)
     ids = sorted(gt)
     m = region_classification([preds.get(i, "") for i in ids], [gt[i] for i in ids])
     m["missing_predictions"] = sum(i not in preds for i in ids)
@@ -274,15 +276,7 @@ def _cider(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report, di
     refs: dict[str, list[str]] = defaultdict(list)
     for r in load_records(args.gt, {"id": (str, int)}, Problems(True)):
         refs[str(r["id"])] += list(r.get("references") or []) + ([r["caption"]] if "caption" in r else [])
-    preds = {
-        str(r["id"]): r["caption"]
-        for r in load_records(
-            args.pred,
-            {"id": (str, int), "caption": str},
-            problems,
-            (lambda r, w: None if str(r["id"]) in refs else f"field 'id': unknown id {r['id']!r}",),
-        )
-    }
+    preds = _texts_by_id(args.pred, "caption", set(refs), problems)
     m = cider_d({k: preds.get(k, "") for k in refs}, refs)
     m["missing_predictions"] = sum(k not in preds for k in refs)
     return rep.Report(

@@ -253,11 +253,14 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
     streams = [WorldTasks(processor, world, seed=recipe.seed + 1 + i, task_weights=s.tasks,
                           upn=upn if recipe.upn_proposals else None) for i, s in enumerate(recipe.stages)]  # fmt: skip
     b = recipe.batch_size
+    current = {"trainable": ""}
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         i = max(k for k, s in enumerate(starts) if s <= step)
         stage = recipe.stages[i]
-        set_trainable(model, stage.trainable)
+        if stage.trainable != current["trainable"]:  # freeze or unfreeze only when the stage changes
+            set_trainable(model, stage.trainable)
+            current["trainable"] = stage.trainable
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, starts[i], stage, recipe.warmup)
         indices = [step * b * ddp.world + ddp.rank * b + j for j in range(b)]

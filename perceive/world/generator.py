@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -548,7 +548,3 @@ def _depth(label_map: np.ndarray, leaf_depth: dict[int, float], horizon: int, s:
     fg = label_map > 0
     depth[fg] = lut[label_map[fg]]
     return depth
-
-
-def with_size(config: WorldConfig, size: int) -> WorldConfig:
-    return replace(config, size=size)

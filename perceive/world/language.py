@@ -87,14 +87,6 @@ def select(scene: Scene, np_: NounPhrase) -> list[WorldObject]:
     return [o for o in scene.instances if np_.matches(o)]
 
 
-def full_phrase(o: WorldObject) -> NounPhrase:
-    if o.kind == "shape":
-        return NounPhrase("shape", o.category, o.color, o.pattern, o.size)
-    if o.kind == "person":
-        return NounPhrase("person", shirt=o.shirt, hat=o.hat is not None)
-    return NounPhrase("item", o.category, o.color)
-
-
 # ---------------------------------------------------------------------------------------------
 # programs: JSON dicts, evaluated to sorted instance ids
 # ---------------------------------------------------------------------------------------------
