@@ -91,7 +91,10 @@ class PerceiverProcessor:
         if num_boxes > self.config.max_objects:
             raise ValueError(f"at most {self.config.max_objects} boxes, got {num_boxes}")
         image = [self.image_id] * (self.config.image_grid**2)
-        boxes = [t for k in range(num_boxes) for t in (self.obj_ids[k], self.roi_id)]
+        if self.config.box_tokens == "fused":  # the model adds <objK>'s embedding to the k-th <roi>
+            boxes = [self.roi_id] * num_boxes
+        else:
+            boxes = [t for k in range(num_boxes) for t in (self.obj_ids[k], self.roi_id)]
         question_ids = [self.user_id, *self._text_ids(question)]
         if self.config.layout == "question_first":
             return image + question_ids + boxes + [self.assistant_id]

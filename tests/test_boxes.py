@@ -67,9 +67,16 @@ def _nms_reference(boxes, scores, thr):
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     keep = []
     for i in order:
-        if all(B.box_iou(boxes[i : i + 1], boxes[j : j + 1]).item() <= thr for j in keep):
+        # compared in the boxes' float32, as nms does (an IoU of exactly 0.1 is 0.1f > 0.1 in float64)
+        if all(bool(B.box_iou(boxes[i : i + 1], boxes[j : j + 1])[0, 0] <= thr) for j in keep):
             keep.append(i)
     return keep
+
+
+def test_nms_keeps_a_box_whose_iou_equals_the_threshold():
+    boxes = torch.tensor([[0, 0, 2, 18], [0, 0, 19, 12]], dtype=torch.float32)  # IoU 24 / 240 = 0.1
+    assert B.nms(boxes, torch.tensor([1.0, 0.5]), 0.1).tolist() == [0, 1]
+    assert B.nms(boxes, torch.tensor([1.0, 0.5]), 0.09).tolist() == [0]
 
 
 @settings(max_examples=40, deadline=None)

@@ -53,10 +53,15 @@ def test_processor_layouts_and_index_sets(world_tokenizer, micro_config):
     ids = proc.prompt_ids("please detect circle", 3)
     toks = world_tokenizer.convert_ids_to_tokens(ids)
     assert toks[: micro_config.image_grid**2] == ["<image>"] * micro_config.image_grid**2
-    assert toks.index("<|user|>") < toks.index("<obj0>") and toks[-1] == "<|assistant|>"
-    paper = PerceiverProcessor(world_tokenizer, PerceiverConfig(**{**micro_config.to_dict(), "layout": "paper"}))
+    # fused box tokens: one <roi> per box, after the question
+    assert toks.index("<|user|>") < toks.index("<roi>") and toks[-1] == "<|assistant|>"
+    assert toks.count("<roi>") == 3 and "<obj0>" not in toks
+    paper = PerceiverProcessor(
+        world_tokenizer, PerceiverConfig(**{**micro_config.to_dict(), "layout": "paper", "box_tokens": "pair"})
+    )
     ptoks = world_tokenizer.convert_ids_to_tokens(paper.prompt_ids("please detect circle", 3))
     assert ptoks.index("<obj0>") < ptoks.index("<|user|>")
+    assert ptoks[ptoks.index("<obj0>") : ptoks.index("<obj0>") + 4] == ["<obj0>", "<roi>", "<obj1>", "<roi>"]
 
     answer = "<ground>circle</ground><objects><obj1><obj3></objects>\n<ground>star</ground><objects>None</objects>"
     ex = proc.example("please detect circle; star", 4, answer, [[1, 3], []], random.Random(0))
@@ -95,6 +100,60 @@ def test_forward_backward_save_load_parity(tmp_path, world_tokenizer, micro_conf
     k = batch["box_mask"].sum(1)
     obj = torch.tensor(model.config.obj_token_ids)
     assert torch.isinf(a[0, :, obj[int(k[0]) :]]).all()
+
+
+@pytest.mark.parametrize("box_tokens, index_token_features", [("fused", True), ("pair", False), ("pair", True)])
+def test_object_tokens_enter_where_the_config_says(world_tokenizer, micro_config, box_tokens, index_token_features):
+    model = _model(micro_config, box_tokens=box_tokens, index_token_features=index_token_features).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0])
+    ids = proc.prompt_ids("what is <obj2>", int(batch["box_mask"].sum()))
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+        emb = model.embed(input_ids, visual["image_tokens"], visual["object_tokens"], batch["box_mask"])
+    table = model.language_model.get_input_embeddings().weight
+    obj = visual["object_tokens"][0]
+    index_of = {t: k for k, t in enumerate(model.config.obj_token_ids)}
+    question_obj2 = ids.index(model.config.obj_token_ids[2])
+    want = table[ids[question_obj2]] + (obj[2] if index_token_features else 0)
+    assert torch.allclose(emb[0, question_obj2], want, atol=1e-6)
+    rois = [p for p, t in enumerate(ids) if t == model.config.roi_token_id]
+    for k, p in enumerate(rois):  # the k-th <roi>: object k, plus <objK>'s embedding when fused
+        want = obj[k] + (table[model.config.obj_token_ids[k]] if box_tokens == "fused" else 0)
+        assert torch.allclose(emb[0, p], want, atol=1e-6)
+        if box_tokens == "pair":  # the pair's <objK> before it carries object k only with index features
+            assert index_of[ids[p - 1]] == k
+            want = table[ids[p - 1]] + (obj[k] if index_token_features else 0)
+            assert torch.allclose(emb[0, p - 1], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("box_tokens", ["fused", "pair"])
+def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, box_tokens):
+    """Each generated token's logits equal those of one forward pass over prompt + answer so far, so the
+    KV-cached loop embeds generated <objK> tokens exactly as the training forward does."""
+    model = _model(micro_config, box_tokens=box_tokens).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    data = WorldTasks(proc, WORLD, seed=4)
+    it = data.item(0, task="detect")
+    n = len(it.boxes)
+    answer = world_tokenizer(f"<ground>x</ground><objects><obj{n - 1}><obj0></objects>", add_special_tokens=False)
+    forced = answer["input_ids"]
+    batch = proc.collate([proc.example(it.qa.question, n)], [it.boxes], pad_left=True)
+    batch.update(proc.images([it.image])[0])
+    steps = []  # the logits of each decoding step, recorded on their way out of the model
+    logits_of = model._logits
+    model._logits = lambda *a: steps.append(logits_of(*a)[:, -1]) or logits_of(*a)  # type: ignore[method-assign]
+    (g,) = generate(model, batch, world_tokenizer, max_new_tokens=len(forced) + 1, forced=[forced], constrained=False)
+    del model._logits
+    assert g.token_ids == forced
+    full = proc.collate([{"input_ids": proc.prompt_ids(it.qa.question, n) + forced}], [it.boxes])
+    full.update(proc.images([it.image])[0])
+    with torch.no_grad():
+        want = model(**full).logits[0, -len(forced) - 1 : -1]  # the predictions of forced[0], forced[1], ...
+    got = torch.cat(steps[: len(forced)])
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], want[finite], atol=1e-4)
 
 
 def test_roi_placeholder_count_is_checked(world_tokenizer, micro_config):

@@ -106,6 +106,8 @@ def test_perceiver_api_edges(smoke_run):
         p.ask(image, "hi", boxes=[[5, 5, 1, 1]])
     gray = (image[..., 0]).copy()
     assert p.ask(gray, "Please detect star in this image.").text is not None
+    assert p.detect(image, ["circle", "star"]).proposals == []  # a 4-step UPN scores nothing over min_score
+    p.upn.config.min_score = 0.0
     assert p.detect(image, ["circle", "star"]).proposals
     assert p.describe(image, [0, 0, 50, 50]).proposals[0]["box"] == [0, 0, 50, 50]
 

@@ -124,7 +124,8 @@ def count(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng:
         return None
     phrase = m[1]
     group = _indices(box_objects, q.answer_objects)
-    answer = f"There are {len(group)} " + chatrex.render_groups([(phrase, group)]) + "."
+    # the objects first, then their number: the model counts the indices it has just written
+    answer = chatrex.render_groups([(phrase, group)]) + f". There are {len(group)}."
     return QA("count", TEMPLATES["count"].format(obj=phrase), answer, [group], [phrase], {"count": len(group)})
 
 

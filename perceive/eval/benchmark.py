@@ -10,7 +10,7 @@ training recipe uses, so they are held out. Measured:
   rejection accuracy;
 - region captions at the category granularity: the proposal that best covers each object is asked
   about; exact match of the answer with the category name;
-- counting: exact match of the number stated;
+- counting: exact match of the number stated ("There are N");
 - region classification SS and S-IoU (Osprey) of the category answers, and CIDEr-D of brief
   grounded captions against the world's caption;
 - throughput of ``ask`` at batch 1 and batch 16.
@@ -159,8 +159,8 @@ def run(
             caption_refs[str(i)] = [meta["truth"]]  # the world's caption, plain text
         else:
             count_n += 1
-            m = re.search(r"\d+", ans.plain)
-            count_ok += m is not None and int(m[0]) == meta["truth"]
+            m = re.search(r"There are (\d+)", ans.plain)
+            count_ok += m is not None and int(m[1]) == meta["truth"]
     for i, s in enumerate(scenes):
         for o in s.instances:
             x0, y0, x1, y1 = o.box

@@ -25,6 +25,14 @@ class PerceiverConfig(PretrainedConfig):
     can attend to the question). ``index_head`` is how the language model scores ``<objK>`` tokens:
     ``"vocab"`` (rows of the output embedding, as ChatRex) or ``"pointer"`` (the hidden state against
     each object token's own hidden state; the generated index is still the language model's).
+
+    ``box_tokens`` is how a box enters the prompt: ``"pair"`` (ChatRex: an ``<objK>`` index token, then
+    a ``<roi>`` token carrying the object's features) or ``"fused"`` (one ``<roi>`` token per box whose
+    embedding is ``<objK>``'s plus the object's features: half the box tokens, the prompt's largest
+    part, so a training step is about a third faster). With ``index_token_features`` every other
+    ``<objK>`` token, in the question or the answer, also carries object K's features (as REF-VLM
+    substitutes region features for a region reference), so a question about ``<obj7>`` needs no
+    search for box 7 and an answer sees which objects it has named so far.
     """
 
     model_type = "perceive_retrieval"
@@ -44,6 +52,8 @@ class PerceiverConfig(PretrainedConfig):
         max_objects: int = 100,
         layout: str = "question_first",
         index_head: str = "pointer",
+        box_tokens: str = "fused",
+        index_token_features: bool = True,
         match_loss_weight: float = 1.0,
         attribute_loss_weight: float = 0.5,
         image_token_id: int = 0,
@@ -56,6 +66,8 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"layout must be 'paper' or 'question_first', got {layout!r}")
         if index_head not in ("vocab", "pointer"):
             raise ValueError(f"index_head must be 'vocab' or 'pointer', got {index_head!r}")
+        if box_tokens not in ("pair", "fused"):
+            raise ValueError(f"box_tokens must be 'pair' or 'fused', got {box_tokens!r}")
         self.vision_config = dict(vision_config or {})
         self.convnext_config = dict(convnext_config or {})
         self.text_config = dict(text_config or {})
@@ -69,6 +81,8 @@ class PerceiverConfig(PretrainedConfig):
         self.max_objects = max_objects
         self.layout = layout
         self.index_head = index_head
+        self.box_tokens = box_tokens
+        self.index_token_features = index_token_features
         self.match_loss_weight = match_loss_weight
         self.attribute_loss_weight = attribute_loss_weight
         self.image_token_id = image_token_id
@@ -103,7 +117,9 @@ TINY = {
     "text_config": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False,
                     "vocab_size": 512},  # the world tokenizer's size replaces this when a model is built
-    "upn_config": {"image_size": 256, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "head_dim": 64},
+    # proposals under 0.1 add no recall on the world (99.2% / 99.7% either way) but double the boxes
+    "upn_config": {"image_size": 256, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "head_dim": 64,
+                   "min_score": 0.1},
     "low_resolution": 128,
     "high_resolution": 256,
     "object_dim": 256,
@@ -127,6 +143,8 @@ CHATREX_7B = {
     "roi_rgb_level": False,
     "layout": "paper",
     "index_head": "vocab",
+    "box_tokens": "pair",
+    "index_token_features": False,
 }  # fmt: skip
 
 NAMED_CONFIGS = {"tiny": TINY, "chatrex-7b": CHATREX_7B}

@@ -155,7 +155,11 @@ def generate(
     model's."""
     attention = batch["attention_mask"]
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(**{k: v for k, v in batch.items() if k in _FORWARD_KEYS}, position_ids=position_ids, use_cache=True)
+    visual = batch.get("visual")
+    if visual is None:  # encoded once here: generated <objK> tokens carry object features too
+        visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+    inputs = {k: v for k, v in batch.items() if k in _FORWARD_KEYS}
+    out = model(**inputs, visual=visual, position_ids=position_ids, use_cache=True)
     cache, keys = out.past_key_values, out.pointer_keys
     logits = out.logits[:, -1]
     box_mask = batch["box_mask"]
@@ -204,7 +208,7 @@ def generate(
             break
         new = torch.tensor(chosen, device=attention.device)[:, None]
         attention = torch.cat([attention, torch.ones_like(new)], dim=1)
-        emb = model.language_model.get_input_embeddings()(new)
+        emb = model.embed_generated(new, visual["object_tokens"], box_mask)
         lm = model.language_model.model(inputs_embeds=emb, attention_mask=attention, position_ids=next_pos[:, None],
                                         past_key_values=cache, use_cache=True)  # fmt: skip
         cache = lm.past_key_values
@@ -213,4 +217,4 @@ def generate(
     return results
 
 
-_FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask", "visual")
+_FORWARD_KEYS = ("input_ids", "attention_mask", "boxes", "box_mask")

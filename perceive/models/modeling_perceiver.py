@@ -7,7 +7,7 @@ model answers with their indices.
 - Object encoder: multi-scale RoI Align over the ConvNeXt pyramid (plus, optionally, the RGB image as
   one more level), mean-pooled, plus a sine-cosine embedding of the normalised box (cx, cy, w, h),
   through an MLP projector into the language model's width: one ``<roi>`` token per box, each after
-  its ``<objK>`` index token.
+  its ``<objK>`` index token (or, with ``box_tokens="fused"``, one token that is both).
 - Language model: transformers' Qwen2 with the extended vocabulary of ``perceive.tokenization``.
 
 Losses: next-token cross-entropy on the answer, where a step that emits an object index is scored by
@@ -131,9 +131,16 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
     def embed(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Token embeddings with ``<image>`` and ``<roi>`` placeholders replaced by visual tokens."""
-        emb = self.language_model.get_input_embeddings()(input_ids)
+        """Token embeddings with ``<image>`` and ``<roi>`` placeholders replaced by visual tokens (and, per
+        ``box_tokens`` and ``index_token_features``, index embeddings and object tokens combined)."""
+        table = self.language_model.get_input_embeddings()
+        emb = table(input_ids)
         cfg = self.config
+        if cfg.index_token_features:
+            emb = emb + self._index_features(input_ids, object_tokens, box_mask).to(emb.dtype)
+        if cfg.box_tokens == "fused":  # the k-th <roi> is <objK> and object k in one token
+            index_ids = torch.tensor(cfg.obj_token_ids[: object_tokens.shape[1]], device=input_ids.device)
+            object_tokens = object_tokens + table(index_ids)[None].to(object_tokens.dtype)
         img_pos = input_ids == cfg.image_token_id
         if img_pos.any():
             if int(img_pos.sum()) != image_tokens.shape[0] * image_tokens.shape[1]:
@@ -146,6 +153,29 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
                 raise ValueError(f"<roi> placeholders per prompt {roi_pos.sum(1).tolist()} != boxes {want.tolist()}")
             emb = emb.masked_scatter(roi_pos[..., None], object_tokens[box_mask].to(emb.dtype))
         return emb
+
+    def embed_generated(
+        self, token_ids: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Embeddings of generated tokens: placeholders mean nothing here, ``<objK>`` as in the prompt."""
+        emb = self.language_model.get_input_embeddings()(token_ids)
+        if self.config.index_token_features:
+            emb = emb + self._index_features(token_ids, object_tokens, box_mask).to(emb.dtype)
+        return emb
+
+    def _index_features(
+        self, input_ids: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, T, H]``: object K's token at each ``<objK>`` of an existing box, zero elsewhere."""
+        obj_ids = torch.tensor(self.config.obj_token_ids, device=input_ids.device)
+        lookup = torch.full((int(max(obj_ids.max(), input_ids.max())) + 1,), -1, device=input_ids.device)
+        lookup[obj_ids] = torch.arange(len(obj_ids), device=input_ids.device)
+        index = lookup[input_ids]  # [B, T]: K of an <objK> token, -1 for other tokens
+        k = object_tokens.shape[1]
+        clamped = index.clamp(0, k - 1)
+        present = (index >= 0) & (index < k) & torch.gather(box_mask, 1, clamped)
+        picked = torch.gather(object_tokens, 1, clamped[..., None].expand(-1, -1, object_tokens.shape[-1]))
+        return picked * present[..., None]
 
     # ------------------------------------------------------------------------------------------
     # logits over the vocabulary with the index head

@@ -67,9 +67,10 @@ class Recipe:
 
 
 RECIPES = {
+    # sized to the 45-minute budget on 2 cores: UPN ~10 min at ~2 steps/s, MLLM ~33 min at ~1.1 steps/s
     "tiny": Recipe(stages=[Stage("alignment", 150, 1e-3, "alignment", ALIGNMENT_TASKS),
-                           Stage("perception", 1800, 6e-4, "all", PERCEPTION_TASKS),
-                           Stage("joint", 700, 3e-4, "all")]),
+                           Stage("perception", 1450, 6e-4, "all", PERCEPTION_TASKS),
+                           Stage("joint", 600, 3e-4, "all")]),
     # a few steps of everything, for tests and for trying the pipeline
     "smoke": Recipe(batch_size=4, upn_steps=4, upn_batch_size=4, checkpoint_every=2, warmup=1,
                     world={"size": 128, "person_share": 0.35, "max_objects": 5},
