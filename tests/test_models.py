@@ -6,7 +6,7 @@ import torch
 
 from perceive.formats import chatrex
 from perceive.models.configuration_perceiver import PerceiverConfig, named_config
-from perceive.models.decoding import generate
+from perceive.models.decoding import GrammarMasks, _index_or_stop, generate
 from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_position_embedding
 from perceive.models.modeling_upn import UpnConfig, UpnModel
 from perceive.processing import IGNORE, ImageFrame, PerceiverProcessor
@@ -154,6 +154,22 @@ def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, b
     got = torch.cat(steps[: len(forced)])
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], want[finite], atol=1e-4)
+
+
+def test_lists_go_on_while_the_indices_together_outweigh_stopping(world_tokenizer):
+    masks = GrammarMasks(world_tokenizer, len(world_tokenizer))
+    obj = masks.obj_ids
+    probs = torch.zeros(len(world_tokenizer))
+    probs[masks.objects_close], probs[obj[3]], probs[obj[5]], probs[obj[8]] = 0.31, 0.25, 0.24, 0.2
+    # </objects> is the single likeliest token, but three remaining members hold 0.69 together
+    assert _index_or_stop(probs, masks, masks.objects_close) == obj[3]
+    probs[masks.objects_close], probs[obj[3]], probs[obj[5]], probs[obj[8]] = 0.55, 0.25, 0.15, 0.05
+    assert _index_or_stop(probs, masks, masks.objects_close) == masks.objects_close
+    first = torch.zeros(len(world_tokenizer))  # the first index: None is the stop
+    first[masks.none], first[obj[0]], first[obj[1]] = 0.4, 0.35, 0.25
+    assert _index_or_stop(first, masks, masks.none) == obj[0]
+    first[masks.none], first[obj[0]], first[obj[1]] = 0.7, 0.2, 0.1
+    assert _index_or_stop(first, masks, masks.none) == masks.none
 
 
 def test_roi_placeholder_count_is_checked(world_tokenizer, micro_config):

@@ -159,7 +159,7 @@ def run(
             caption_refs[str(i)] = [meta["truth"]]  # the world's caption, plain text
         else:
             count_n += 1
-            m = re.search(r"There are (\d+)", ans.plain)
+            m = re.search(r"there are (\d+)", ans.plain, re.IGNORECASE)  # the world tokenizer lowercases
             count_ok += m is not None and int(m[1]) == meta["truth"]
     for i, s in enumerate(scenes):
         for o in s.instances:

@@ -10,8 +10,10 @@ The constraint is a small grammar run per sample over the generated tokens:
     indices   (after an index) an unused <objK>, </objects>
     close     (after "none") </objects>
 
-and every ``<objK>`` needs ``K`` < the number of input boxes. An index's probability under the
-constrained distribution is kept: ``score = proposal score x P(index)`` is the object's confidence.
+and every ``<objK>`` needs ``K`` < the number of input boxes. Inside ``<objects>`` the decoder goes on
+while the allowed indices together are likelier than stopping (``_index_or_stop``). An index's
+probability under the constrained distribution is kept: ``score = proposal score x P(index)`` is the
+object's confidence.
 """
 
 from __future__ import annotations
@@ -128,6 +130,21 @@ def _plan(tokenizer, masks: GrammarMasks, phrases: list[str]) -> list[int]:
     return out
 
 
+def _index_or_stop(probs: torch.Tensor, masks: GrammarMasks, argmax: int) -> int:
+    """Inside ``<objects>``: continue with the likeliest index when the indices together outweigh the
+    stop token (``</objects>`` or None), else stop. Training scores an index step by the probability
+    of *any* remaining member, so the model spreads the continue mass over the members; comparing the
+    stop token with one index alone would end lists early whenever several objects remain."""
+    stops = [t for t in (masks.objects_close, masks.none) if t is not None and probs[t] > 0]
+    index_mass = probs[masks.obj_ids].sum()
+    if not stops or index_mass <= 0:
+        return argmax
+    stop = max(stops, key=lambda t: float(probs[t]))
+    if index_mass > probs[stop]:
+        return int(masks.obj_ids[int(probs[masks.obj_ids].argmax())])
+    return stop
+
+
 NONE_WORD = "None"
 # tokens a state needs to end well-formed: e.g. a phrase needs </ground> <objects> None </objects>
 FINISH = {"text": 1, "start": 5, "phrase": 4, "need-objs": 3, "first": 2, "indices": 1, "close": 1}
@@ -188,6 +205,8 @@ def generate(
                 row = row.masked_fill(~allow.to(row.device), float("-inf"))
             probs = row.softmax(-1)
             tok = int(row.argmax())
+            if constrained and states[i] in ("first", "indices"):
+                tok = _index_or_stop(probs, masks, tok)
             if forced is not None:
                 tok = forced[i][step] if step < len(forced[i]) else masks.eos
             plan = plans[i]
