@@ -9,6 +9,7 @@ square's side; ``to_pixels`` maps them back to the input image.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,6 +91,10 @@ class PerceiverProcessor:
     def prompt_ids(self, question: str, num_boxes: int) -> list[int]:
         if num_boxes > self.config.max_objects:
             raise ValueError(f"at most {self.config.max_objects} boxes, got {num_boxes}")
+        named = sorted({int(k) for k in re.findall(r"<obj(\d+)>", question)})
+        if named and named[-1] >= num_boxes:
+            raise ValueError(f"the question names <obj{named[-1]}>, but there are {num_boxes} boxes "
+                             f"(<obj0> to <obj{num_boxes - 1}>)")  # fmt: skip
         image = [self.image_id] * (self.config.image_grid**2)
         if self.config.box_tokens == "fused":  # the model adds <objK>'s embedding to the k-th <roi>
             boxes = [self.roi_id] * num_boxes

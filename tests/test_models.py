@@ -62,6 +62,9 @@ def test_processor_layouts_and_index_sets(world_tokenizer, micro_config):
     ptoks = world_tokenizer.convert_ids_to_tokens(paper.prompt_ids("please detect circle", 3))
     assert ptoks.index("<obj0>") < ptoks.index("<|user|>")
     assert ptoks[ptoks.index("<obj0>") : ptoks.index("<obj0>") + 4] == ["<obj0>", "<roi>", "<obj1>", "<roi>"]
+    assert proc.prompt_ids("what is <obj2>", 3)
+    with pytest.raises(ValueError, match="names <obj3>, but there are 3 boxes"):
+        proc.prompt_ids("what is <obj3>", 3)
 
     answer = "<ground>circle</ground><objects><obj1><obj3></objects>\n<ground>star</ground><objects>None</objects>"
     ex = proc.example("please detect circle; star", 4, answer, [[1, 3], []], random.Random(0))

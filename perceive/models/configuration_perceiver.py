@@ -29,7 +29,7 @@ class PerceiverConfig(PretrainedConfig):
     ``box_tokens`` is how a box enters the prompt: ``"pair"`` (ChatRex: an ``<objK>`` index token, then
     a ``<roi>`` token carrying the object's features) or ``"fused"`` (one ``<roi>`` token per box whose
     embedding is ``<objK>``'s plus the object's features: half the box tokens, the prompt's largest
-    part, so a training step is about a third faster). With ``index_token_features`` every other
+    part; a tiny training step takes 0.91 s instead of 1.09). With ``index_token_features`` every other
     ``<objK>`` token, in the question or the answer, also carries object K's features (as REF-VLM
     substitutes region features for a region reference), so a question about ``<obj7>`` needs no
     search for box 7 and an answer sees which objects it has named so far.

@@ -67,7 +67,7 @@ class Recipe:
 
 
 RECIPES = {
-    # sized to the 45-minute budget on 2 cores: UPN ~10 min at ~2 steps/s, MLLM ~33 min at ~1.1 steps/s
+    # sized to the 45-minute budget on 2 cores: measured UPN 8 min at 2.5 steps/s, MLLM 32 min at 1.14 steps/s
     "tiny": Recipe(stages=[Stage("alignment", 150, 1e-3, "alignment", ALIGNMENT_TASKS),
                            Stage("perception", 1450, 6e-4, "all", PERCEPTION_TASKS),
                            Stage("joint", 600, 3e-4, "all")]),
