@@ -23,6 +23,7 @@ def micro_config(world_tokenizer):
                      "num_key_value_heads": 1, "vocab_size": len(world_tokenizer), "max_position_embeddings": 512,
                      "tie_word_embeddings": False},
         upn_config={"image_size": 128, "hidden_sizes": [8, 16, 32], "depths": [1, 1, 1], "head_dim": 16},
-        low_resolution=64, high_resolution=128, object_dim=64, position_dim=32,
+        low_resolution=64, high_resolution=128, object_dim=64, position_dim=32, box_tokens="fused",
+        index_token_features=True,
         image_token_id=ids(IMAGE), roi_token_id=ids(ROI), obj_token_ids=[ids(t) for t in OBJ_TOKENS],
     )  # fmt: skip

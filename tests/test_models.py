@@ -228,6 +228,14 @@ def test_named_configs():
         named_config("huge")
     with pytest.raises(ValueError, match="layout"):
         PerceiverConfig(layout="sideways")
+    tiny = named_config("tiny")
+    assert (tiny.box_tokens, tiny.index_token_features) == ("fused", True)
+    assert (real.box_tokens, real.index_token_features) == ("pair", False)
+    # a config.json saved before these options existed keeps meaning what it meant
+    old = {k: v for k, v in tiny.to_dict().items() if k not in ("box_tokens", "index_token_features")}
+    assert (PerceiverConfig(**old).box_tokens, PerceiverConfig(**old).index_token_features) == ("pair", False)
+    with pytest.raises(ValueError, match="box_tokens"):
+        PerceiverConfig(box_tokens="triple")
 
 
 def test_forced_phrases_give_the_asked_structure(world_tokenizer, micro_config):

@@ -32,7 +32,9 @@ class PerceiverConfig(PretrainedConfig):
     part; a tiny training step takes 0.91 s instead of 1.09). With ``index_token_features`` every other
     ``<objK>`` token, in the question or the answer, also carries object K's features (as REF-VLM
     substitutes region features for a region reference), so a question about ``<obj7>`` needs no
-    search for box 7 and an answer sees which objects it has named so far.
+    search for box 7 and an answer sees which objects it has named so far. Their defaults (``"pair"``,
+    False) keep checkpoints saved before the options existed working; the tiny configuration sets
+    ``"fused"`` and True.
     """
 
     model_type = "perceive_retrieval"
@@ -52,8 +54,8 @@ class PerceiverConfig(PretrainedConfig):
         max_objects: int = 100,
         layout: str = "question_first",
         index_head: str = "pointer",
-        box_tokens: str = "fused",
-        index_token_features: bool = True,
+        box_tokens: str = "pair",  # the defaults of the two are how checkpoints saved before them were built
+        index_token_features: bool = False,
         match_loss_weight: float = 1.0,
         attribute_loss_weight: float = 0.5,
         image_token_id: int = 0,
@@ -120,6 +122,8 @@ TINY = {
     # proposals under 0.1 add no recall on the world (99.2% / 99.7% either way) but double the boxes
     "upn_config": {"image_size": 256, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "head_dim": 64,
                    "min_score": 0.1},
+    "box_tokens": "fused",
+    "index_token_features": True,
     "low_resolution": 128,
     "high_resolution": 256,
     "object_dim": 256,
