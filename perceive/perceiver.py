@@ -15,7 +15,6 @@ from typing import cast
 
 import numpy as np
 import torch
-from PIL import Image
 
 from perceive.data.tasks import PHRASE_SEPARATOR, TEMPLATES
 from perceive.formats import chatrex
@@ -23,7 +22,7 @@ from perceive.images import load_image
 from perceive.models.configuration_perceiver import PerceiverConfig
 from perceive.models.decoding import generate
 from perceive.models.modeling_perceiver import PerceiverForRetrieval
-from perceive.models.modeling_upn import UpnModel, normalize_image
+from perceive.models.modeling_upn import UpnModel, square_pixels
 from perceive.processing import ImageFrame, PerceiverProcessor
 from perceive.tokenization import detokenize, load_tokenizer
 
@@ -125,11 +124,7 @@ class Perceiver:
         """UPN boxes (xyxy pixels of ``image``) and scores, at most ``max_objects``."""
         frame = ImageFrame(image.shape[1], image.shape[0])
         size = self.upn.config.image_size
-        square = np.zeros((frame.side, frame.side, 3), dtype=np.uint8)
-        square[: image.shape[0], : image.shape[1]] = image
-        small = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
-        t = torch.from_numpy(small.copy()).permute(2, 0, 1).float()[None] / 255
-        out = self.upn.propose(normalize_image(t), max_proposals=self.model.config.max_objects)[0]
+        out = self.upn.propose(square_pixels([image], size), max_proposals=self.model.config.max_objects)[0]
         boxes = frame.to_pixels(out["boxes"].numpy() / size)
         return boxes, out["scores"].numpy()
 

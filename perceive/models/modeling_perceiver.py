@@ -163,14 +163,22 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             emb = emb + self._index_features(token_ids, object_tokens, box_mask).to(emb.dtype)
         return emb
 
+    def _index_lookup(self, device: torch.device) -> torch.Tensor:
+        """Vocabulary id -> K for ``<objK>``, -1 for every other token; built once (decoding asks each step)."""
+        table = getattr(self, "_index_lookup_table", None)
+        if table is None or table.device != device:
+            ids = torch.tensor(self.config.obj_token_ids, device=device)
+            vocab = self.config.text().vocab_size
+            table = torch.full((vocab,), -1, device=device)
+            table[ids] = torch.arange(len(ids), device=device)
+            self._index_lookup_table = table
+        return table
+
     def _index_features(
         self, input_ids: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor
     ) -> torch.Tensor:
         """``[B, T, H]``: object K's token at each ``<objK>`` of an existing box, zero elsewhere."""
-        obj_ids = torch.tensor(self.config.obj_token_ids, device=input_ids.device)
-        lookup = torch.full((int(max(obj_ids.max(), input_ids.max())) + 1,), -1, device=input_ids.device)
-        lookup[obj_ids] = torch.arange(len(obj_ids), device=input_ids.device)
-        index = lookup[input_ids]  # [B, T]: K of an <objK> token, -1 for other tokens
+        index = self._index_lookup(input_ids.device)[input_ids]  # [B, T]: K of an <objK> token, -1 otherwise
         k = object_tokens.shape[1]
         clamped = index.clamp(0, k - 1)
         present = (index >= 0) & (index < k) & torch.gather(box_mask, 1, clamped)

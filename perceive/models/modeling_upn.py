@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel, PretrainedConfig, PreTrainedModel
 
 from perceive.boxes import nms
@@ -172,6 +174,20 @@ class UpnModel(PreTrainedModel):
             keep = nms(boxes, scores, cfg.nms_iou, labels=gran, max_keep=cap)
             results.append({"boxes": boxes[keep], "scores": scores[keep], "granularity": gran[keep]})
         return results
+
+
+def square_pixels(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """The UPN's input: ``[H, W, 3]`` uint8 images padded at the right and bottom to a square (boxes
+    keep their shape; a box's pixels are its ``/ size * max(H, W)``), resized to ``size``, normalised."""
+    tensors = []
+    for im in images:
+        side = max(im.shape[:2])
+        square = np.zeros((side, side, 3), dtype=np.uint8)
+        square[: im.shape[0], : im.shape[1]] = im
+        if side != size:
+            square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
+        tensors.append(torch.from_numpy(square.copy()).permute(2, 0, 1).float() / 255)
+    return normalize_image(torch.stack(tensors))
 
 
 def normalize_image(images: torch.Tensor) -> torch.Tensor:

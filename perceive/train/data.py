@@ -159,18 +159,13 @@ def coordinate_answer(scene: Scene, phrases: list[str], groups: list[list[int | 
 
 
 def propose(upn, images: list[np.ndarray]) -> list[np.ndarray]:
-    """UPN proposals (xyxy pixels of each image) for square world images."""
-    from perceive.models.modeling_upn import normalize_image
+    """UPN proposals (xyxy pixels of each image), prepared as at inference (``square_pixels``)."""
+    from perceive.models.modeling_upn import square_pixels
 
     size = upn.config.image_size
-    tensors = []
-    for im in images:
-        t = torch.from_numpy(im).permute(2, 0, 1).float()[None] / 255
-        if im.shape[0] != size:
-            t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-        tensors.append(t[0])
     was_training = upn.training
     upn.eval()
-    out = upn.propose(normalize_image(torch.stack(tensors)))
+    out = upn.propose(square_pixels(images, size))
     upn.train(was_training)
-    return [(o["boxes"] * (im.shape[0] / size)).numpy().astype(np.float32) for o, im in zip(out, images, strict=True)]
+    return [(o["boxes"] * (max(im.shape[:2]) / size)).numpy().astype(np.float32)
+            for o, im in zip(out, images, strict=True)]  # fmt: skip
