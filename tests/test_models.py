@@ -231,11 +231,35 @@ def test_named_configs():
     tiny = named_config("tiny")
     assert (tiny.box_tokens, tiny.index_token_features) == ("fused", True)
     assert (real.box_tokens, real.index_token_features) == ("pair", False)
+    assert (tiny.roi_pooling, real.roi_pooling) == ("flatten", "mean")
     # a config.json saved before these options existed keeps meaning what it meant
-    old = {k: v for k, v in tiny.to_dict().items() if k not in ("box_tokens", "index_token_features")}
-    assert (PerceiverConfig(**old).box_tokens, PerceiverConfig(**old).index_token_features) == ("pair", False)
+    new_options = ("box_tokens", "index_token_features", "roi_pooling")
+    old = PerceiverConfig(**{k: v for k, v in tiny.to_dict().items() if k not in new_options})
+    assert (old.box_tokens, old.index_token_features, old.roi_pooling) == ("pair", False, "mean")
     with pytest.raises(ValueError, match="box_tokens"):
         PerceiverConfig(box_tokens="triple")
+    with pytest.raises(ValueError, match="roi_pooling"):
+        PerceiverConfig(roi_pooling="max")
+
+
+@pytest.mark.parametrize("roi_pooling", ["mean", "flatten"])
+def test_flattened_rois_keep_the_layout_that_the_mean_averages_away(micro_config, roi_pooling):
+    model = _model(micro_config, roi_pooling=roi_pooling).eval()
+    size = model.config.high_resolution
+    channels = list(model.config.convnext().hidden_sizes or [])
+    torch.manual_seed(1)
+    levels = [torch.randn(1, c, size // s, size // s) for c, s in zip(channels, (4, 8, 16), strict=True)]
+    rgb = torch.rand(1, 3, size, size)
+    box = torch.tensor([[[0.25, 0.3, 0.75, 0.6]]])  # centred left-right: a mirror maps it onto itself
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    with torch.no_grad():
+        feats, tokens = model.encode_objects(levels, rgb, box, mask)
+        mirrored, _ = model.encode_objects([lv.flip(-1) for lv in levels], rgb.flip(-1), box, mask)
+    assert tokens.shape == (1, 1, model.config.text().hidden_size)
+    if roi_pooling == "mean":  # the same cells in another order: the same mean
+        assert torch.allclose(feats, mirrored, atol=1e-5)
+    else:
+        assert not torch.allclose(feats, mirrored, atol=1e-3)
 
 
 def test_forced_phrases_give_the_asked_structure(world_tokenizer, micro_config):

@@ -35,6 +35,12 @@ class PerceiverConfig(PretrainedConfig):
     search for box 7 and an answer sees which objects it has named so far. Their defaults (``"pair"``,
     False) keep checkpoints saved before the options existed working; the tiny configuration sets
     ``"fused"`` and True.
+
+    ``roi_pooling`` is how a box's ``roi_output_size`` x ``roi_output_size`` RoI Align grid becomes one
+    vector: ``"mean"`` (ChatRex: averaged over the grid) or ``"flatten"`` (the grid's cells kept in
+    order, so the object encoder sees the object's layout). A small ConvNeXt trained from scratch
+    does not encode shape in its channels: with mean pooling the tiny object encoder names the
+    world's six shapes at chance (16.5% after 300 attribute-only steps), flattened 90.3%.
     """
 
     model_type = "perceive_retrieval"
@@ -49,6 +55,7 @@ class PerceiverConfig(PretrainedConfig):
         high_resolution: int = 256,
         roi_output_size: int = 4,
         roi_rgb_level: bool = True,
+        roi_pooling: str = "mean",  # the default is how checkpoints saved before the option were built
         position_dim: int = 64,
         object_dim: int = 256,
         max_objects: int = 100,
@@ -68,6 +75,8 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"layout must be 'paper' or 'question_first', got {layout!r}")
         if index_head not in ("vocab", "pointer"):
             raise ValueError(f"index_head must be 'vocab' or 'pointer', got {index_head!r}")
+        if roi_pooling not in ("mean", "flatten"):
+            raise ValueError(f"roi_pooling must be 'mean' or 'flatten', got {roi_pooling!r}")
         if box_tokens not in ("pair", "fused"):
             raise ValueError(f"box_tokens must be 'pair' or 'fused', got {box_tokens!r}")
         self.vision_config = dict(vision_config or {})
@@ -78,6 +87,7 @@ class PerceiverConfig(PretrainedConfig):
         self.high_resolution = high_resolution
         self.roi_output_size = roi_output_size
         self.roi_rgb_level = roi_rgb_level
+        self.roi_pooling = roi_pooling
         self.position_dim = position_dim
         self.object_dim = object_dim
         self.max_objects = max_objects
@@ -124,6 +134,7 @@ TINY = {
                    "min_score": 0.1},
     "box_tokens": "fused",
     "index_token_features": True,
+    "roi_pooling": "flatten",
     "low_resolution": 128,
     "high_resolution": 256,
     "object_dim": 256,
@@ -145,6 +156,7 @@ CHATREX_7B = {
     "object_dim": 1024,
     "position_dim": 256,
     "roi_rgb_level": False,
+    "roi_pooling": "mean",
     "layout": "paper",
     "index_head": "vocab",
     "box_tokens": "pair",

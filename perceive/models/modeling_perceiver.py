@@ -5,9 +5,10 @@ model answers with their indices.
   resolution gives a feature pyramid. Its last map is pooled to the ViT's grid and concatenated to
   the ViT tokens along channels (the paper's "same number of tokens at the last scale").
 - Object encoder: multi-scale RoI Align over the ConvNeXt pyramid (plus, optionally, the RGB image as
-  one more level), mean-pooled, plus a sine-cosine embedding of the normalised box (cx, cy, w, h),
-  through an MLP projector into the language model's width: one ``<roi>`` token per box, each after
-  its ``<objK>`` index token (or, with ``box_tokens="fused"``, one token that is both).
+  one more level), mean-pooled (or, with ``roi_pooling="flatten"``, the grid kept whole), plus a
+  sine-cosine embedding of the normalised box (cx, cy, w, h), through an MLP projector into the
+  language model's width: one ``<roi>`` token per box, each after its ``<objK>`` index token (or,
+  with ``box_tokens="fused"``, one token that is both).
 - Language model: transformers' Qwen2 with the extended vocabulary of ``perceive.tokenization``.
 
 Losses: next-token cross-entropy on the answer, where a step that emits an object index is scored by
@@ -85,6 +86,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         conv_channels = list(config.convnext().hidden_sizes or [])
         self.image_projector = _mlp(config.vision().hidden_size + conv_channels[-1], hidden)
         roi_in = sum(conv_channels) + (3 if config.roi_rgb_level else 0)
+        if config.roi_pooling == "flatten":
+            roi_in *= config.roi_output_size**2
         self.roi_proj = nn.Linear(roi_in, config.object_dim)
         self.position_proj = nn.Linear(config.position_dim, config.object_dim)
         self.object_projector = _mlp(config.object_dim, hidden)
@@ -117,11 +120,10 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         rois = torch.cat([torch.arange(b, device=boxes.device).repeat_interleave(k)[:, None].to(flat), flat], dim=1)
         strides = [size // lv.shape[-1] for lv in levels]
         s = self.config.roi_output_size
-        pooled = multi_level_roi_align(levels, rois, s, strides, sampling_ratio=2, aligned=True, reduce="concat")
-        feats = pooled.mean(dim=(2, 3))
+        grid = multi_level_roi_align(levels, rois, s, strides, sampling_ratio=2, aligned=True, reduce="concat")
         if self.config.roi_rgb_level:
-            rgb = roi_align(rgb_high, rois, s, 1.0, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
-            feats = torch.cat([feats, rgb], dim=-1)
+            grid = torch.cat([grid, roi_align(rgb_high, rois, s, 1.0, sampling_ratio=2, aligned=True)], dim=1)
+        feats = grid.flatten(1) if self.config.roi_pooling == "flatten" else grid.mean(dim=(2, 3))
         obj = self.roi_proj(feats) + self.position_proj(
             box_position_embedding(boxes.reshape(-1, 4), self.config.position_dim)
         )
