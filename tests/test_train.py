@@ -1,13 +1,17 @@
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from perceive.train.trainer import train
+from perceive.train import trainer
+from perceive.train.trainer import RECIPES, autocast_dtype, train
 from perceive.world.generator import WorldConfig, generate_scene
 
 
@@ -40,6 +44,25 @@ def test_interrupted_training_resumes_to_the_same_weights(smoke_run, tmp_path):
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst < 1e-4, worst
+
+
+def test_bf16_recipe_trains_and_falls_back_to_float32_without_bf16(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype("fp16")
+    assert autocast_dtype("fp32") is None
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="float32"):
+        assert autocast_dtype("bf16") is None
+    monkeypatch.undo()
+    if not trainer.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 matrix instructions")
+    assert autocast_dtype("bf16") is torch.bfloat16
+    train(dataclasses.replace(RECIPES["smoke"], precision="bf16"), tmp_path / "bf16", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "train_log.jsonl").read_text().splitlines()]
+    mllm = [r for r in rows if r["phase"] == "mllm"]
+    assert len(mllm) == 6 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in mllm)
+    weights = load_file(str(tmp_path / "bf16" / "model" / "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())  # autocast leaves the weights in float32
 
 
 @pytest.mark.slow

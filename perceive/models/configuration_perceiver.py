@@ -123,8 +123,9 @@ class PerceiverConfig(PretrainedConfig):
 
 
 TINY = {
+    # 4 x 4 image tokens: the boxes carry the objects; 8 x 8 made prompts 1.5x as long and a step 1.4x slower
     "vision_config": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-                      "patch_size": 16},
+                      "patch_size": 32},
     "convnext_config": {"hidden_sizes": [32, 64, 128], "depths": [1, 1, 1]},
     "text_config": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False,
