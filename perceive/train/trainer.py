@@ -251,6 +251,7 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
             raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
         recipe = RECIPES[recipe]
     out = Path(out)
+    dtype = autocast_dtype(recipe.precision)  # checked before the UPN's minutes, not after them
     ddp = Distributed()
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +277,6 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
                           upn=upn if recipe.upn_proposals else None) for i, s in enumerate(recipe.stages)]  # fmt: skip
     b = recipe.batch_size
     current = {"trainable": ""}
-    dtype = autocast_dtype(recipe.precision)
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         i = max(k for k, s in enumerate(starts) if s <= step)
