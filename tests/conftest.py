@@ -12,7 +12,7 @@ def world_tokenizer():
 def micro_config(world_tokenizer):
     """A model small enough for unit tests (a few hundred thousand parameters)."""
     from perceive.models.configuration_perceiver import PerceiverConfig
-    from perceive.tokenization import IMAGE, OBJ_TOKENS, ROI
+    from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI
 
     ids = world_tokenizer.convert_tokens_to_ids
     return PerceiverConfig(
@@ -25,5 +25,6 @@ def micro_config(world_tokenizer):
         upn_config={"image_size": 128, "hidden_sizes": [8, 16, 32], "depths": [1, 1, 1], "head_dim": 16},
         low_resolution=64, high_resolution=128, object_dim=64, position_dim=32, box_tokens="fused",
         index_token_features=True,
-        image_token_id=ids(IMAGE), roi_token_id=ids(ROI), obj_token_ids=[ids(t) for t in OBJ_TOKENS],
+        image_token_id=ids(IMAGE), roi_token_id=ids(ROI), assistant_token_id=ids(ASSISTANT),
+        obj_token_ids=[ids(t) for t in OBJ_TOKENS],
     )  # fmt: skip

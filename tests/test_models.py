@@ -131,11 +131,14 @@ def test_object_tokens_enter_where_the_config_says(world_tokenizer, micro_config
             assert torch.allclose(emb[0, p - 1], want, atol=1e-6)
 
 
-@pytest.mark.parametrize("box_tokens", ["fused", "pair"])
-def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, box_tokens):
+@pytest.mark.parametrize(
+    "box_tokens, prefix_attention", [("fused", "causal"), ("pair", "causal"), ("fused", "bidirectional")]
+)
+def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, box_tokens, prefix_attention):
     """Each generated token's logits equal those of one forward pass over prompt + answer so far, so the
-    KV-cached loop embeds generated <objK> tokens exactly as the training forward does."""
-    model = _model(micro_config, box_tokens=box_tokens).eval()
+    KV-cached loop embeds generated <objK> tokens exactly as the training forward does (and, with a
+    bidirectional prefix, attends as the training forward does)."""
+    model = _model(micro_config, box_tokens=box_tokens, prefix_attention=prefix_attention).eval()
     proc = PerceiverProcessor(world_tokenizer, model.config)
     data = WorldTasks(proc, WORLD, seed=4)
     it = data.item(0, task="detect")
@@ -157,6 +160,60 @@ def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, b
     got = torch.cat(steps[: len(forced)])
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got)) and torch.allclose(got[finite], want[finite], atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix_attention", ["causal", "bidirectional"])
+def test_a_bidirectional_prefix_lets_each_box_see_the_boxes_after_it(world_tokenizer, micro_config, prefix_attention):
+    """Moving the last box changes the first box's pointer key only when the prompt attends both ways,
+    and left padding changes nothing either way."""
+    model = _model(micro_config, prefix_attention=prefix_attention).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    data = WorldTasks(proc, WORLD, seed=2)
+    its = [data.item(i, task="detect") for i in range(2)]
+    answer = world_tokenizer("<ground>x</ground><objects><obj0></objects>", add_special_tokens=False)["input_ids"]
+
+    def run(items, boxes):
+        exs = [
+            {"input_ids": proc.prompt_ids(it.qa.question, len(b)) + answer} for it, b in zip(items, boxes, strict=True)
+        ]
+        batch = proc.collate(exs, boxes, pad_left=True)
+        batch.update(proc.images([it.image for it in items])[0])
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = model(**batch)
+        return out.pointer_keys, out.logits
+
+    boxes = [np.asarray(it.boxes, dtype=np.float32) for it in its]
+    keys, _ = run(its[:1], boxes[:1])
+    moved = boxes[0].copy()
+    moved[-1] = [0.1, 0.1, 0.3, 0.3]
+    keys_moved, _ = run(its[:1], [moved])
+    first_box_changed = not torch.allclose(keys[0, 0], keys_moved[0, 0], atol=1e-6)
+    assert first_box_changed == (prefix_attention == "bidirectional")
+    assert not torch.allclose(keys[0, -1], keys_moved[0, -1])  # the moved box itself changes either way
+    # two prompts of different lengths, left-padded together: each as it is alone
+    both_keys, both_logits = run(its, boxes)
+    assert len(set(len(b) for b in boxes)) == 2  # so one of them is padded
+    for i in range(2):
+        alone_keys, alone_logits = run(its[i : i + 1], boxes[i : i + 1])
+        t, k = alone_logits.shape[1], alone_keys.shape[1]
+        finite = torch.isfinite(alone_logits[0])
+        assert torch.allclose(both_logits[i, -t:][finite], alone_logits[0][finite], atol=1e-4)
+        assert torch.allclose(both_keys[i, :k], alone_keys[0], atol=1e-4)
+
+
+def test_the_bidirectional_prefix_is_the_same_under_eager_and_sdpa_attention(world_tokenizer, micro_config):
+    """Eager attention adds the mask to the scores, sdpa takes it as booleans: both must attend alike."""
+    model = _model(micro_config, prefix_attention="bidirectional").eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=3).batch([0, 1])
+    with torch.no_grad():
+        sdpa = model(**batch).logits
+        model.language_model.set_attn_implementation("eager")
+        assert model.language_model.config._attn_implementation == "eager"
+        eager = model(**batch).logits
+    finite = torch.isfinite(sdpa)
+    assert torch.equal(finite, torch.isfinite(eager)) and torch.allclose(sdpa[finite], eager[finite], atol=1e-4)
 
 
 def test_lists_go_on_while_the_indices_together_outweigh_stopping(world_tokenizer):

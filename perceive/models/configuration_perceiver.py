@@ -41,6 +41,14 @@ class PerceiverConfig(PretrainedConfig):
     order, so the object encoder sees the object's layout). A small ConvNeXt trained from scratch
     does not encode shape in its channels: with mean pooling the tiny object encoder names the
     world's six shapes at chance (16.5% after 300 attribute-only steps), flattened 90.3%.
+
+    ``prefix_attention`` is how the prompt's tokens attend to each other: ``"causal"`` (ChatRex, every
+    token only to those before it) or ``"bidirectional"`` (the prompt up to the ``<assistant>`` token
+    attends in both directions, as PaliGemma's prefix; the answer stays causal). Causally, an object
+    token sees only the boxes before it, so "the leftmost circle" or "the person holding a cup"
+    cannot be told by the box itself when the rival or the cup comes later in the shuffled list.
+    Trained both ways, the tiny model's mean referring DF1 stayed at 57.5 (extreme-position
+    expressions 29.5 -> 43.2, holding 43.5 -> 38.2), so the tiny configuration stays causal.
     """
 
     model_type = "perceive_retrieval"
@@ -63,10 +71,12 @@ class PerceiverConfig(PretrainedConfig):
         index_head: str = "pointer",
         box_tokens: str = "pair",  # the defaults of the two are how checkpoints saved before them were built
         index_token_features: bool = False,
+        prefix_attention: str = "causal",  # the default is how checkpoints saved before the option were built
         match_loss_weight: float = 1.0,
         attribute_loss_weight: float = 0.5,
         image_token_id: int = 0,
         roi_token_id: int = 0,
+        assistant_token_id: int = -1,
         obj_token_ids: list[int] | None = None,
         **kwargs,
     ) -> None:
@@ -79,6 +89,8 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"roi_pooling must be 'mean' or 'flatten', got {roi_pooling!r}")
         if box_tokens not in ("pair", "fused"):
             raise ValueError(f"box_tokens must be 'pair' or 'fused', got {box_tokens!r}")
+        if prefix_attention not in ("causal", "bidirectional"):
+            raise ValueError(f"prefix_attention must be 'causal' or 'bidirectional', got {prefix_attention!r}")
         self.vision_config = dict(vision_config or {})
         self.convnext_config = dict(convnext_config or {})
         self.text_config = dict(text_config or {})
@@ -95,10 +107,12 @@ class PerceiverConfig(PretrainedConfig):
         self.index_head = index_head
         self.box_tokens = box_tokens
         self.index_token_features = index_token_features
+        self.prefix_attention = prefix_attention
         self.match_loss_weight = match_loss_weight
         self.attribute_loss_weight = attribute_loss_weight
         self.image_token_id = image_token_id
         self.roi_token_id = roi_token_id
+        self.assistant_token_id = assistant_token_id
         self.obj_token_ids = list(obj_token_ids or [])
 
     def vision(self) -> CLIPVisionConfig:

@@ -218,6 +218,29 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         keys[box_mask] = hidden[roi_pos]
         return self.pointer_key(keys)
 
+    def _attention(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | dict:
+        """The padding mask as given (causal), or with ``prefix_attention="bidirectional"`` the 4-D mask
+        in which the prompt up to its ``<assistant>`` token attends in both directions.
+
+        Only a whole prompt needs it: a generated token comes after the prefix, so the decoding loop's
+        causal steps over the cached prefix see exactly what this mask lets them see."""
+        if self.config.prefix_attention == "causal":
+            return attention_mask
+        assistant = input_ids == self.config.assistant_token_id
+        if self.config.assistant_token_id < 0 or not assistant.any(dim=1).all():
+            raise ValueError("prefix_attention='bidirectional' needs every prompt to end with the <assistant> "
+                             "token, and the config's assistant_token_id set")  # fmt: skip
+        prefix = assistant.long().cumsum(dim=1) - assistant.long() == 0  # up to and including the first one
+        t = input_ids.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+        allowed = (causal | (prefix[:, :, None] & prefix[:, None, :])) & attention_mask.bool()[:, None, :]
+        allowed |= torch.eye(t, dtype=torch.bool, device=input_ids.device)  # a padding row is never empty
+        if self.language_model.config._attn_implementation != "sdpa":  # eager adds the mask to the scores
+            allowed = torch.zeros(allowed.shape, device=input_ids.device).masked_fill(
+                ~allowed, torch.finfo(torch.float32).min
+            )
+        return {"full_attention": allowed[:, None]}
+
     # ------------------------------------------------------------------------------------------
     # forward with losses
     # ------------------------------------------------------------------------------------------
@@ -259,7 +282,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes, box_mask)
         obj_feats = visual["object_features"]
         embeds = self.embed(input_ids, visual["image_tokens"], visual["object_tokens"], box_mask)
-        out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask,
+        out = self.language_model.model(inputs_embeds=embeds, attention_mask=self._attention(input_ids, attention_mask),
                                         position_ids=position_ids, use_cache=use_cache)  # fmt: skip
         hidden = out.last_hidden_state
         keys = self._pointer_keys(hidden, input_ids, box_mask)

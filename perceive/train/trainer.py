@@ -30,7 +30,7 @@ from perceive.models.configuration_perceiver import PerceiverConfig, named_confi
 from perceive.models.modeling_perceiver import PerceiverForRetrieval
 from perceive.models.modeling_upn import UpnModel, normalize_image
 from perceive.processing import PerceiverProcessor
-from perceive.tokenization import IMAGE, OBJ_TOKENS, ROI, build_world_tokenizer, load_tokenizer
+from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, build_world_tokenizer, load_tokenizer
 from perceive.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from perceive.train.data import WorldTasks
 from perceive.world.generator import WorldConfig, generate_scene
@@ -87,7 +87,7 @@ def build_model(config_name: str, tokenizer, **overrides) -> PerceiverForRetriev
     ids = tokenizer.convert_tokens_to_ids
     base = named_config(config_name)
     cfg = named_config(config_name, text_config={**base.text_config, "vocab_size": len(tokenizer)},
-                       image_token_id=ids(IMAGE), roi_token_id=ids(ROI),
+                       image_token_id=ids(IMAGE), roi_token_id=ids(ROI), assistant_token_id=ids(ASSISTANT),
                        obj_token_ids=[ids(t) for t in OBJ_TOKENS], **overrides)  # fmt: skip
     return PerceiverForRetrieval(cfg)
 
