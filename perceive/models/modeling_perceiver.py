@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import CLIPVisionModel, ConvNextModel, PreTrainedModel, Qwen2ForCausalLM
+from transformers.masking_utils import create_causal_mask
 
 from perceive.boxes import multi_level_roi_align, roi_align
 from perceive.models.configuration_perceiver import ATTRIBUTES, PerceiverConfig
@@ -218,9 +219,15 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         keys[box_mask] = hidden[roi_pos]
         return self.pointer_key(keys)
 
-    def _attention(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | dict:
-        """The padding mask as given (causal), or with ``prefix_attention="bidirectional"`` the 4-D mask
-        in which the prompt up to its ``<assistant>`` token attends in both directions.
+    def _attention(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor | dict:
+        """The padding mask as given (causal), or with ``prefix_attention="bidirectional"`` transformers'
+        mask in which the prompt up to its ``<assistant>`` token is one block that attends both ways.
 
         Only a whole prompt needs it: a generated token comes after the prefix, so the decoding loop's
         causal steps over the cached prefix see exactly what this mask lets them see."""
@@ -231,15 +238,11 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             raise ValueError("prefix_attention='bidirectional' needs every prompt to end with the <assistant> "
                              "token, and the config's assistant_token_id set")  # fmt: skip
         prefix = assistant.long().cumsum(dim=1) - assistant.long() == 0  # up to and including the first one
-        t = input_ids.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
-        allowed = (causal | (prefix[:, :, None] & prefix[:, None, :])) & attention_mask.bool()[:, None, :]
-        allowed |= torch.eye(t, dtype=torch.bool, device=input_ids.device)  # a padding row is never empty
-        if self.language_model.config._attn_implementation != "sdpa":  # eager adds the mask to the scores
-            allowed = torch.zeros(allowed.shape, device=input_ids.device).masked_fill(
-                ~allowed, torch.finfo(torch.float32).min
-            )
-        return {"full_attention": allowed[:, None]}
+        blocks = torch.where(prefix, 0, -1)  # block 0 attends within itself both ways; -1 stays causal
+        mask = create_causal_mask(config=self.language_model.config, inputs_embeds=embeds,
+                                  attention_mask=attention_mask, past_key_values=None, position_ids=position_ids,
+                                  block_sequence_ids=blocks)  # fmt: skip
+        return {"full_attention": mask}
 
     # ------------------------------------------------------------------------------------------
     # forward with losses
@@ -282,8 +285,9 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes, box_mask)
         obj_feats = visual["object_features"]
         embeds = self.embed(input_ids, visual["image_tokens"], visual["object_tokens"], box_mask)
-        out = self.language_model.model(inputs_embeds=embeds, attention_mask=self._attention(input_ids, attention_mask),
-                                        position_ids=position_ids, use_cache=use_cache)  # fmt: skip
+        mask = self._attention(input_ids, attention_mask, embeds, position_ids)
+        out = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                        use_cache=use_cache)  # fmt: skip
         hidden = out.last_hidden_state
         keys = self._pointer_keys(hidden, input_ids, box_mask)
         logits = self._logits(hidden, keys, box_mask)
