@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from perceive.formats.chatrex import NONE_ANSWER
 from perceive.models.configuration_perceiver import PerceiverConfig
 from perceive.models.modeling_upn import normalize_image
 from perceive.tokenization import ASSISTANT, EOS, IMAGE, OBJ_TOKENS, OBJECTS_CLOSE, OBJECTS_OPEN, ROI, USER
@@ -55,6 +56,8 @@ class PerceiverProcessor:
         self.obj_ids = [ids(t) for t in OBJ_TOKENS]
         self.obj_index = {t: k for k, t in enumerate(self.obj_ids)}
         self.objects_open, self.objects_close = ids(OBJECTS_OPEN), ids(OBJECTS_CLOSE)
+        none = self._text_ids(NONE_ANSWER)
+        self.none_id = none[0] if len(none) == 1 else None  # as the decoding grammar's "None"
         self.pad_id = tokenizer.pad_token_id
 
     # ------------------------------------------------------------------------------------------
@@ -113,7 +116,10 @@ class PerceiverProcessor:
         groups: Sequence[Sequence[int]] = (),
         rng: random.Random | None = None,
     ) -> dict:
-        """Token ids of one turn; with an answer also labels, the index sets and the group targets.
+        """Token ids of one turn; with an answer also labels, the index sets, the group targets and
+        the choices: each step inside an objects block where constrained decoding chooses between
+        the unused indices and stopping (``</objects>``, or "None" as a block's first token), as
+        (label position, indices used so far in the block, the stop token).
 
         With ``rng`` the indices inside each objects block are shuffled, so no order is learned.
         """
@@ -128,16 +134,28 @@ class PerceiverProcessor:
         index_sets: list[tuple[int, list[int]]] = []  # (label position, allowed members)
         group_positions: list[int] = []
         group_members: list[list[int]] = []
+        choices: list[tuple[int, list[int], int]] = []
         g = -1
         remaining: set[int] = set()
+        used: list[int] | None = None  # indices of the open objects block; None outside blocks
         for p in range(len(prompt), len(ids)):
             t = ids[p]
+            if used is not None:
+                stop = self.objects_close if used or self.none_id is None else self.none_id
+                k = self.obj_index.get(t)
+                if t == stop or (k is not None and k < num_boxes and k not in used):
+                    choices.append((p, list(used), stop))
+                if t in (self.objects_close, self.none_id):  # after "None" only </objects> can follow
+                    used = None
+                elif k is not None:
+                    used = [*used, k]
             if t == self.objects_open:
                 g += 1
                 members = list(groups[g]) if g < len(groups) else []
                 remaining = set(members)
                 group_positions.append(p)
                 group_members.append(members)
+                used = []
             elif t in self.obj_index and self.obj_index[t] in remaining:
                 index_sets.append((p, sorted(remaining)))
                 remaining = remaining - {self.obj_index[t]}
@@ -149,6 +167,7 @@ class PerceiverProcessor:
             "index_sets": index_sets,
             "group_positions": group_positions,
             "group_members": group_members,
+            "choices": choices,
         }
 
     def _shuffle_blocks(self, ids: list[int], rng: random.Random) -> list[int]:
@@ -183,6 +202,8 @@ class PerceiverProcessor:
         n_groups = max((len(e.get("group_positions", [])) for e in examples), default=0)
         group_positions = torch.full((b, max(1, n_groups)), -1, dtype=torch.long)
         group_members = torch.zeros(b, max(1, n_groups), k, dtype=torch.bool)
+        choice_stop = torch.full((b, t), -1, dtype=torch.long)
+        choice_used = torch.zeros(b, t, k, dtype=torch.bool)
         for i, (e, bx) in enumerate(zip(examples, boxes, strict=True)):
             n = len(e["input_ids"])
             off = t - n if pad_left else 0
@@ -198,8 +219,11 @@ class PerceiverProcessor:
                 for j, (p, members) in enumerate(zip(e["group_positions"], e["group_members"], strict=True)):
                     group_positions[i, j] = off + p
                     group_members[i, j, members] = True
+                for p, used, stop in e.get("choices", []):
+                    choice_stop[i, off + p] = stop
+                    choice_used[i, off + p, used] = True
         batch = {"input_ids": input_ids, "attention_mask": attention, "boxes": box_t, "box_mask": box_mask}
         if index_sets is not None:
             batch.update(labels=labels, index_sets=index_sets, group_positions=group_positions,
-                         group_members=group_members)  # fmt: skip
+                         group_members=group_members, choice_stop=choice_stop, choice_used=choice_used)  # fmt: skip
         return batch

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from perceive.boxes import box_iou
 from perceive.formats import chatrex
 from perceive.models.configuration_perceiver import PerceiverConfig, named_config
 from perceive.models.decoding import GrammarMasks, _index_or_stop, generate
@@ -75,6 +76,67 @@ def test_processor_layouts_and_index_sets(world_tokenizer, micro_config):
     (p1, s1), (p2, s2) = ex["index_sets"]
     assert s1 == [1, 3] and len(s2) == 1 and s2[0] in (1, 3) and p2 == p1 + 1  # the second index: what remains
     assert ex["group_members"] == [[1, 3], []] and len(ex["group_positions"]) == 2
+    # where constrained decoding chooses: both indices and </objects> of the first block (the stop of its
+    # first step is "None"), "None" of the second, not the </objects> that must follow "None"
+    none, close = proc.none_id, proc.objects_close
+    first = proc.obj_index[ex["labels"][p1]]
+    assert ex["choices"] == [(p1, [], none), (p2, [first], close), (p2 + 1, [first, 4 - first], close),
+                             (ex["group_positions"][1] + 1, [], none)]  # fmt: skip
+
+
+def test_the_grammar_softmax_normalises_index_steps_over_what_decoding_can_choose(world_tokenizer, micro_config):
+    """With ``index_softmax="grammar"`` the answer loss equals one computed by hand, where the decoding
+    grammar itself, run over each answer, says which tokens each step could choose from."""
+    model = _model(micro_config, index_softmax="grammar")
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=2, task_weights={"detect": 1.0, "refer": 1.0}).batch(list(range(6)))
+    out = model(**batch)
+    masks = GrammarMasks(world_tokenizer, out.logits.shape[-1])
+    obj = model.config.obj_token_ids
+    total, count, constrained = torch.zeros(()), 0, 0
+    for i in range(len(batch["input_ids"])):
+        state, used = "text", set()
+        n = int(batch["box_mask"][i].sum())
+        for p in torch.nonzero(batch["labels"][i] != IGNORE)[:, 0].tolist():
+            token, row = int(batch["labels"][i, p]), out.logits[i, p - 1]
+            if state in ("first", "indices"):
+                row = row.masked_fill(~masks.allowed(state, n, used), float("-inf"))
+                constrained += 1
+            logp = row.log_softmax(-1)
+            members = torch.nonzero(batch["index_sets"][i, p])[:, 0]
+            total -= logp[[obj[k] for k in members]].logsumexp(-1) if len(members) else logp[token]
+            count += 1
+            state = masks.advance(state, token, used)
+    assert constrained > 10
+    assert torch.allclose(out.losses["lm"], total / count, atol=1e-5)
+    vocabulary = _model(micro_config, index_softmax="vocabulary")
+    assert vocabulary(**batch).losses["lm"] > out.losses["lm"]  # the same weights, fewer rivals
+
+
+@pytest.mark.parametrize("near_duplicates", [False, True])
+def test_training_boxes_stand_proposals_for_objects_and_keep_duplicates_only_when_asked(
+    world_tokenizer, micro_config, near_duplicates
+):
+    proc = PerceiverProcessor(world_tokenizer, micro_config)
+    data = WorldTasks(proc, WORLD, seed=1, near_duplicates=near_duplicates)
+    scene = data.scene(0)
+    gt = np.array([o.box for o in scene.objects], dtype=np.float32)
+    iou = box_iou(torch.from_numpy(gt), torch.from_numpy(gt)).numpy() - np.eye(len(gt))
+    alone = int(iou.max(axis=1).argmin())  # an object that no other object's box resembles
+    assert iou[alone].max() < 0.3
+    x0, y0, x1, y1 = gt[alone]
+    pad = 0.05 * (x1 - x0)
+    covering = [x0 + 1, y0, x1, y1]
+    duplicate = [x0 - pad, y0 - pad, x1 + pad, y1 + pad]  # IoU >= 0.5, but the other one fits better
+    nothing = [0, 0, 2, 2]
+    proposals = np.array([duplicate, nothing, covering], dtype=np.float32)
+    boxes, ids = data.boxes_for(scene, random.Random(0), proposals)
+    assert sorted(i for i in ids if i is not None) == sorted(o.id for o in scene.objects)  # each object once
+    assert np.allclose(boxes[ids.index(scene.objects[alone].id)], covering)
+    assert len(boxes) == len(gt) + (2 if near_duplicates else 1) and ids.count(None) == len(boxes) - len(gt)
+    distractors = {tuple(b) for b, i in zip(boxes.tolist(), ids, strict=True) if i is None}
+    assert tuple(np.float32(nothing).tolist()) in distractors
+    assert (tuple(np.float32(duplicate).tolist()) in distractors) == near_duplicates
 
 
 def test_image_frame_round_trip():
@@ -297,6 +359,10 @@ def test_named_configs():
         PerceiverConfig(box_tokens="triple")
     with pytest.raises(ValueError, match="roi_pooling"):
         PerceiverConfig(roi_pooling="max")
+    assert (tiny.index_softmax, real.index_softmax, PerceiverConfig().index_softmax) == ("grammar", "vocabulary",
+                                                                                        "vocabulary")  # fmt: skip
+    with pytest.raises(ValueError, match="index_softmax"):
+        PerceiverConfig(index_softmax="sparse")
 
 
 @pytest.mark.parametrize("roi_pooling", ["mean", "flatten"])

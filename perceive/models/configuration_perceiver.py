@@ -49,6 +49,14 @@ class PerceiverConfig(PretrainedConfig):
     cannot be told by the box itself when the rival or the cup comes later in the shuffled list.
     Trained both ways, the tiny model's mean referring DF1 stayed at 57.5 (extreme-position
     expressions 29.5 -> 43.2, holding 43.5 -> 38.2), so the tiny configuration stays causal.
+
+    ``index_softmax`` is what an answer step inside ``<objects>`` is normalised over in training:
+    ``"vocabulary"`` (every token, as a plain language model) or ``"grammar"`` (what constrained
+    decoding can choose there: the indices not yet used in the block and the stop token). Over the
+    vocabulary, an index already listed stays a rival that the model must learn to push down, though
+    decoding never offers it again; under the grammar, training scores the very choice decoding makes.
+    Retrained with it, the tiny model's lists of alike objects stopped ending after the first:
+    detection recall 77.2 -> 88.7, counting 65.2 -> 74.8, referring DF1 57.5 -> 60.9.
     """
 
     model_type = "perceive_retrieval"
@@ -72,6 +80,7 @@ class PerceiverConfig(PretrainedConfig):
         box_tokens: str = "pair",  # the defaults of the two are how checkpoints saved before them were built
         index_token_features: bool = False,
         prefix_attention: str = "causal",  # the default is how checkpoints saved before the option were built
+        index_softmax: str = "vocabulary",  # the default is how checkpoints saved before the option were trained
         match_loss_weight: float = 1.0,
         attribute_loss_weight: float = 0.5,
         image_token_id: int = 0,
@@ -91,6 +100,8 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"box_tokens must be 'pair' or 'fused', got {box_tokens!r}")
         if prefix_attention not in ("causal", "bidirectional"):
             raise ValueError(f"prefix_attention must be 'causal' or 'bidirectional', got {prefix_attention!r}")
+        if index_softmax not in ("vocabulary", "grammar"):
+            raise ValueError(f"index_softmax must be 'vocabulary' or 'grammar', got {index_softmax!r}")
         self.vision_config = dict(vision_config or {})
         self.convnext_config = dict(convnext_config or {})
         self.text_config = dict(text_config or {})
@@ -108,6 +119,7 @@ class PerceiverConfig(PretrainedConfig):
         self.box_tokens = box_tokens
         self.index_token_features = index_token_features
         self.prefix_attention = prefix_attention
+        self.index_softmax = index_softmax
         self.match_loss_weight = match_loss_weight
         self.attribute_loss_weight = attribute_loss_weight
         self.image_token_id = image_token_id
@@ -150,6 +162,7 @@ TINY = {
     "box_tokens": "fused",
     "index_token_features": True,
     "roi_pooling": "flatten",
+    "index_softmax": "grammar",
     "low_resolution": 128,
     "high_resolution": 256,
     "object_dim": 256,
@@ -176,6 +189,7 @@ CHATREX_7B = {
     "index_head": "vocab",
     "box_tokens": "pair",
     "index_token_features": False,
+    "index_softmax": "vocabulary",
 }  # fmt: skip
 
 NAMED_CONFIGS = {"tiny": TINY, "chatrex-7b": CHATREX_7B}

@@ -275,6 +275,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         index_sets: torch.Tensor | None = None,
         group_positions: torch.Tensor | None = None,
         group_members: torch.Tensor | None = None,
+        choice_stop: torch.Tensor | None = None,
+        choice_used: torch.Tensor | None = None,
         attribute_labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
@@ -293,7 +295,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         logits = self._logits(hidden, keys, box_mask)
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
-            losses["lm"] = self._answer_loss(logits, labels, index_sets)
+            choices = (choice_stop, choice_used) if self.config.index_softmax == "grammar" else None
+            losses["lm"] = self._answer_loss(logits, labels, index_sets, choices)
             if group_positions is not None and group_members is not None and self.config.match_loss_weight > 0:
                 losses["match"] = self._match_loss(logits, group_positions, group_members, box_mask)
             if attribute_labels is not None and self.config.attribute_loss_weight > 0:
@@ -307,18 +310,35 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             )
         return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys)
 
-    def _answer_loss(self, logits: torch.Tensor, labels: torch.Tensor, index_sets: torch.Tensor | None) -> torch.Tensor:
-        """Cross-entropy of each next token; an index step counts any remaining member of its group."""
+    def _answer_loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        index_sets: torch.Tensor | None,
+        choices: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of each next token; an index step counts any remaining member of its group.
+
+        With ``choices`` (``choice_stop`` and ``choice_used`` of the processor's batch), a step inside an
+        objects block is normalised over what constrained decoding can choose there (the unused
+        indices and the stop token) instead of the whole vocabulary."""
         logits, labels = logits[:, :-1], labels[:, 1:]
         logp = logits.log_softmax(dim=-1)
         valid = labels != -100
+        obj_ids = torch.tensor(self.config.obj_token_ids, device=logits.device)
+        if choices is not None and choices[0] is not None and choices[1] is not None:
+            stop, used = choices[0][:, 1:], choices[1][:, 1:]
+            k = used.shape[-1]
+            obj = logits[..., obj_ids[:k]].masked_fill(used, float("-inf"))  # absent boxes are -inf already
+            stop_logit = logits.gather(-1, stop.clamp(min=0)[..., None])
+            grammar_logz = torch.logsumexp(torch.cat([obj, stop_logit], dim=-1), dim=-1)
+            logp = torch.where((stop >= 0)[..., None], logits - grammar_logz[..., None], logp)
         token_lp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
         if index_sets is not None:
             sets = index_sets[:, 1:]  # [B, T-1, K]: members still allowed at this step
             is_set = sets.any(dim=-1) & valid
             if is_set.any():
-                obj_ids = torch.tensor(self.config.obj_token_ids[: sets.shape[-1]], device=logits.device)
-                obj_lp = logp[..., obj_ids].masked_fill(~sets, float("-inf"))
+                obj_lp = logp[..., obj_ids[: sets.shape[-1]]].masked_fill(~sets, float("-inf"))
                 token_lp = torch.where(is_set, torch.logsumexp(obj_lp, dim=-1), token_lp)
         return -(token_lp * valid).sum() / valid.sum().clamp(min=1)
 

@@ -3,7 +3,9 @@
 Boxes follow ChatRex Sec. 4.2: the scene's ground-truth boxes mixed with proposals, at most 100,
 shuffled. With a UPN, each ground-truth object that a proposal covers (IoU >= 0.5) is represented by
 that proposal (what the model sees at inference), the others keep their true box, and the remaining
-proposals are distractors.
+proposals are distractors: those that cover no object, and with ``near_duplicates`` also a second
+proposal of an object already represented (at inference such duplicates are in the list, and
+naming both counts one as a false positive).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class WorldTasks:
         task_weights: dict[str, float] | None = None,
         upn=None,
         answer_format: str = "indices",
+        near_duplicates: bool = False,
     ) -> None:
         self.processor = processor
         self.world = world
@@ -78,6 +81,7 @@ class WorldTasks:
         if answer_format == "coordinates" and set(self.tasks) - {"detect", "refer"}:
             raise ValueError("the coordinate format is for detection and referring tasks only")
         self.answer_format = answer_format
+        self.near_duplicates = near_duplicates
 
     def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:
         gt = np.array([o.box for o in scene.objects], dtype=np.float32)
@@ -92,7 +96,8 @@ class WorldTasks:
                 if candidates[j] >= 0.5:
                     boxes[i] = proposals[j]
                     taken[j] = True
-            extra = [j for j in range(len(proposals)) if not taken[j] and iou[:, j].max() < 0.5]
+            extra = [j for j in range(len(proposals))
+                     if not taken[j] and (self.near_duplicates or iou[:, j].max() < 0.5)]  # fmt: skip
             room = self.processor.config.max_objects - len(boxes)
             extra = extra[: max(0, room)]
             boxes = np.concatenate([boxes, proposals[extra]]) if extra else boxes

@@ -58,6 +58,7 @@ class Recipe:
     stages: list[Stage] = field(default_factory=list)
     world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
     upn_proposals: bool = True
+    near_duplicates: bool = False  # also a second proposal of an object as a distractor (``WorldTasks``)
     checkpoint_every: int = 100
     seed: int = 0
     warmup: int = 50
@@ -274,7 +275,8 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stages[0].lr, weight_decay=0.01)
     starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     streams = [WorldTasks(processor, world, seed=recipe.seed + 1 + i, task_weights=s.tasks,
-                          upn=upn if recipe.upn_proposals else None) for i, s in enumerate(recipe.stages)]  # fmt: skip
+                          upn=upn if recipe.upn_proposals else None, near_duplicates=recipe.near_duplicates)
+               for i, s in enumerate(recipe.stages)]  # fmt: skip
     b = recipe.batch_size
     current = {"trainable": ""}
 
