@@ -295,8 +295,9 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         logits = self._logits(hidden, keys, box_mask)
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
-            choices = (choice_stop, choice_used) if self.config.index_softmax == "grammar" else None
-            losses["lm"] = self._answer_loss(logits, labels, index_sets, choices)
+            if self.config.index_softmax == "vocabulary":
+                choice_stop = choice_used = None
+            losses["lm"] = self._answer_loss(logits, labels, index_sets, choice_stop, choice_used)
             if group_positions is not None and group_members is not None and self.config.match_loss_weight > 0:
                 losses["match"] = self._match_loss(logits, group_positions, group_members, box_mask)
             if attribute_labels is not None and self.config.attribute_loss_weight > 0:
@@ -315,19 +316,20 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         logits: torch.Tensor,
         labels: torch.Tensor,
         index_sets: torch.Tensor | None,
-        choices: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+        choice_stop: torch.Tensor | None = None,
+        choice_used: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cross-entropy of each next token; an index step counts any remaining member of its group.
 
-        With ``choices`` (``choice_stop`` and ``choice_used`` of the processor's batch), a step inside an
-        objects block is normalised over what constrained decoding can choose there (the unused
-        indices and the stop token) instead of the whole vocabulary."""
+        With ``choice_stop`` and ``choice_used`` (the processor's batch), a step inside an objects block
+        is normalised over what constrained decoding can choose there (the unused indices and the stop
+        token) instead of the whole vocabulary."""
         logits, labels = logits[:, :-1], labels[:, 1:]
         logp = logits.log_softmax(dim=-1)
         valid = labels != -100
         obj_ids = torch.tensor(self.config.obj_token_ids, device=logits.device)
-        if choices is not None and choices[0] is not None and choices[1] is not None:
-            stop, used = choices[0][:, 1:], choices[1][:, 1:]
+        if choice_stop is not None and choice_used is not None:
+            stop, used = choice_stop[:, 1:], choice_used[:, 1:]
             k = used.shape[-1]
             obj = logits[..., obj_ids[:k]].masked_fill(used, float("-inf"))  # absent boxes are -inf already
             stop_logit = logits.gather(-1, stop.clamp(min=0)[..., None])
