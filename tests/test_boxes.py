@@ -219,6 +219,15 @@ def test_roi_align_list_boxes_gradient_and_errors():
     assert torch.allclose(out, B.roi_align(inp, as_tensor, 2, sampling_ratio=2, aligned=True))
     out.sum().backward()
     assert inp.grad is not None and inp.grad.abs().sum() > 0
+    # an image with no RoI between two that have some: one call over all images, each RoI its own image's
+    three = torch.rand(3, 4, 8, 8, requires_grad=True)
+    boxes3 = [boxes[0], torch.zeros(0, 4), boxes[1]]
+    out3 = B.roi_align(three, boxes3, 2, sampling_ratio=2, aligned=True)
+    alone = [B.roi_align(three[i : i + 1].detach(), [b], 2, sampling_ratio=2, aligned=True)
+             for i, b in enumerate(boxes3)]  # fmt: skip
+    assert torch.allclose(out3, torch.cat(alone))
+    out3.sum().backward()
+    assert three.grad is not None and three.grad[1].abs().sum() == 0 and three.grad[2].abs().sum() > 0
     assert B.roi_align(inp, torch.zeros(0, 5), 3).shape == (0, 4, 3, 3)
     with pytest.raises(ValueError, match=r"\[K, 5\]"):
         B.roi_align(inp, torch.zeros(3, 4), 2)

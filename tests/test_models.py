@@ -1,3 +1,4 @@
+import math
 import random
 
 import numpy as np
@@ -40,6 +41,31 @@ def test_upn_shapes_loss_proposals_and_save_load(tmp_path):
     upn.save_pretrained(tmp_path)
     again = UpnModel.from_pretrained(tmp_path)
     assert torch.allclose(again(x)["scores"], out["scores"])
+
+
+def test_upn_cross_granularity_suppression():
+    """A fine box that nearly repeats a better coarse box goes; a distant fine box stays."""
+    cfg = dict(image_size=64, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], head_dim=16, min_score=0.1)
+    scores = torch.full((1, 2, 16, 16), -10.0)
+    scores[0, 0, 5, 5] = 3.0  # coarse peak
+    scores[0, 1, 5, 6] = 2.0  # fine peak one cell (4 px) to the right: IoU 28/36 = 0.78 with the coarse box
+    scores[0, 1, 12, 12] = 1.0  # fine peak far away
+    boxes = torch.zeros(1, 4, 16, 16)
+    boxes[0, :2] = 0.5  # centred in the cell
+    boxes[0, 2:] = math.log(32 / 4)  # 32 x 32 px boxes
+    outputs = {"scores": scores, "boxes": boxes}
+
+    def proposals(threshold):
+        upn = UpnModel(UpnConfig(**cfg, cross_granularity_iou=threshold))
+        upn.forward = lambda pixel_values: outputs
+        return upn.propose(torch.zeros(1, 3, 64, 64))[0]
+
+    assert proposals(None)["granularity"].tolist() == [0, 1, 1]
+    kept = proposals(0.7)
+    assert kept["granularity"].tolist() == [0, 1] and kept["boxes"][1, 0] > 32  # the distant one
+    assert len(proposals(0.8)["boxes"]) == 3  # 0.78 is not above 0.8
+    with pytest.raises(ValueError, match="cross_granularity_iou"):
+        UpnConfig(cross_granularity_iou=1.5)
 
 
 def test_position_embedding():
