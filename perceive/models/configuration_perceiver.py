@@ -157,6 +157,7 @@ TINY = {
                     "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False,
                     "vocab_size": 512},  # the world tokenizer's size replaces this when a model is built
     # proposals under 0.1 add no recall on the world (99.2% / 99.7% either way) but double the boxes
+    # and a box repeating one of the other granularity is one object twice (0.7: 275 -> 48 such, same recall)
     "upn_config": {"image_size": 256, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "head_dim": 64,
                    "min_score": 0.1, "cross_granularity_iou": 0.7},
     "box_tokens": "fused",
