@@ -142,7 +142,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         if cfg.index_token_features:
             emb = emb + self._index_features(input_ids, object_tokens, box_mask).to(emb.dtype)
         if cfg.box_tokens == "fused":  # the k-th <roi> is <objK> and object k in one token
-            index_ids = torch.tensor(cfg.obj_token_ids[: object_tokens.shape[1]], device=input_ids.device)
+            index_ids = self._obj_ids(input_ids.device)[: object_tokens.shape[1]]
             object_tokens = object_tokens + table(index_ids)[None].to(object_tokens.dtype)
         img_pos = input_ids == cfg.image_token_id
         if img_pos.any():
@@ -166,11 +166,19 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             emb = emb + self._index_features(token_ids, object_tokens, box_mask).to(emb.dtype)
         return emb
 
+    def _obj_ids(self, device: torch.device) -> torch.Tensor:
+        """The vocabulary ids of ``<obj0>``, ``<obj1>``, ...; built once (every forward and decoding step uses them)."""
+        ids = getattr(self, "_obj_ids_tensor", None)
+        if ids is None or ids.device != device:
+            ids = torch.tensor(self.config.obj_token_ids, device=device)
+            self._obj_ids_tensor = ids
+        return ids
+
     def _index_lookup(self, device: torch.device) -> torch.Tensor:
         """Vocabulary id -> K for ``<objK>``, -1 for every other token; built once (decoding asks each step)."""
         table = getattr(self, "_index_lookup_table", None)
         if table is None or table.device != device:
-            ids = torch.tensor(self.config.obj_token_ids, device=device)
+            ids = self._obj_ids(device)
             vocab = self.config.text().vocab_size
             table = torch.full((vocab,), -1, device=device)
             table[ids] = torch.arange(len(ids), device=device)
@@ -194,7 +202,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
 
     def _logits(self, hidden: torch.Tensor, pointer_keys: torch.Tensor | None, box_mask: torch.Tensor) -> torch.Tensor:
         logits = self.language_model.lm_head(hidden).float()
-        obj_ids = torch.tensor(self.config.obj_token_ids, device=hidden.device)
+        obj_ids = self._obj_ids(hidden.device)
         k = box_mask.shape[1]
         if self.config.index_head == "pointer":
             assert pointer_keys is not None
@@ -327,7 +335,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         logits, labels = logits[:, :-1], labels[:, 1:]
         logp = logits.log_softmax(dim=-1)
         valid = labels != -100
-        obj_ids = torch.tensor(self.config.obj_token_ids, device=logits.device)
+        obj_ids = self._obj_ids(logits.device)
         if choice_stop is not None and choice_used is not None:
             stop, used = choice_stop[:, 1:], choice_used[:, 1:]
             k = used.shape[-1]
@@ -348,7 +356,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         self, logits: torch.Tensor, positions: torch.Tensor, members: torch.Tensor, box_mask: torch.Tensor
     ) -> torch.Tensor:
         """At each ``<objects>`` token: does each box belong to this group? (sigmoid of its index logit)"""
-        obj_ids = torch.tensor(self.config.obj_token_ids[: box_mask.shape[1]], device=logits.device)
+        obj_ids = self._obj_ids(logits.device)[: box_mask.shape[1]]
         valid = positions >= 0  # [B, G]
         if not valid.any():  # no group in this batch (a plain zero: logits hold -inf, and -inf * 0 is NaN)
             return torch.zeros((), device=logits.device)

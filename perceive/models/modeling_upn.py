@@ -182,10 +182,10 @@ class UpnModel(PreTrainedModel):
                 all_scores.append(sc)
                 all_gran.append(torch.full_like(sc, k, dtype=torch.long))
             boxes, scores, gran = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_gran)
-            keep = nms(boxes, scores, cfg.nms_iou, labels=gran)
-            if cfg.cross_granularity_iou is not None:
-                keep = keep[nms(boxes[keep], scores[keep], cfg.cross_granularity_iou)]
-            keep = keep[:cap]
+            cross = cfg.cross_granularity_iou
+            keep = nms(boxes, scores, cfg.nms_iou, labels=gran, max_keep=cap if cross is None else None)
+            if cross is not None:
+                keep = keep[nms(boxes[keep], scores[keep], cross, max_keep=cap)]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "granularity": gran[keep]})
         return results
 
