@@ -21,7 +21,7 @@ from perceive.perceiver import Perceiver
 def training_speed(log: Path) -> str:
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     lines = ["| phase | steps | steps/s (last) |", "|---|---|---|"]
-    for phase in ("upn", "mllm"):
+    for phase in ("upn", "upn_refine", "mllm"):
         pts = [r for r in rows if r["phase"] == phase]
         if pts:
             lines.append(f"| {phase} | {pts[-1]['step']} | {pts[-1]['steps_per_s']:.2f} |")

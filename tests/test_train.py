@@ -29,6 +29,7 @@ def test_smoke_training_writes_a_loadable_model(smoke_run):
     assert (smoke_run / "loss_curve.png").is_file()
     rows = [json.loads(line) for line in (smoke_run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["phase"] == "mllm"] == list(range(1, 7))
+    assert [r["step"] for r in rows if r["phase"] == "upn_refine"] == list(range(1, 5))
     assert all(r["loss"] > 0 for r in rows)
 
 
@@ -36,14 +37,17 @@ def test_interrupted_training_resumes_to_the_same_weights(smoke_run, tmp_path):
     out = tmp_path / "resumed"
     train("smoke", out, progress=False, stop_after=3)  # stops inside the UPN phase
     assert not (out / "upn" / "model.safetensors").exists()
-    train("smoke", out, progress=False, stop_after=3)  # finishes the UPN, stops inside the MLLM phase
+    train("smoke", out, progress=False, stop_after=3)  # finishes the UPN's first stage, stops in its refinement
+    assert not (out / "upn" / "model.safetensors").exists()
+    train("smoke", out, progress=False, stop_after=3)  # finishes the refinement, stops inside the MLLM phase
     assert not (out / "model").exists()
     train("smoke", out, progress=False)
-    a = load_file(str(smoke_run / "model" / "model.safetensors"))
-    b = load_file(str(out / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    assert worst < 1e-4, worst
+    for weights in ("upn/model.safetensors", "model.safetensors"):
+        a = load_file(str(smoke_run / "model" / weights))
+        b = load_file(str(out / "model" / weights))
+        assert a.keys() == b.keys()
+        worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        assert worst < 1e-4, (weights, worst)
 
 
 def test_bf16_recipe_trains_and_falls_back_to_float32_without_bf16(tmp_path, monkeypatch):
@@ -150,6 +154,10 @@ def test_benchmark_reports_every_task(smoke_run, tmp_path):
     assert set(report.metrics["targets"]) == set(benchmark.TARGETS)
     assert set(report.metrics["region_classification"]) == {"SS", "S-IoU"}
     assert "caption_brief_cider_d" in report.metrics and report.metrics["queries"] > 10
+    tight = report.metrics["upn_tightness"]
+    assert set(tight) == {"instance", "part"}
+    assert tight["instance"]["R@0.75"] <= report.metrics["targets"]["UPN recall instances"]["measured"]
+    assert all(0.0 <= v["mean best IoU"] <= 1.0 for v in tight.values())
     benchmark.write(report, tmp_path)
     assert "targets" in (tmp_path / "benchmark.md").read_text()
     assert json.loads((tmp_path / "benchmark.json").read_text())["scenes"] == 2

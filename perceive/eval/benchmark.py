@@ -3,7 +3,8 @@
 The model sees only its own UPN proposals (never ground truth). Scenes come from a seed no
 training recipe uses, so they are held out. Measured:
 
-- UPN recall at IoU 0.5 with at most 100 proposals, instances and parts;
+- UPN recall at IoU 0.5 with at most 100 proposals, instances and parts, and how tight the proposals
+  are (recall at IoU 0.75, mean IoU of each object's best proposal);
 - detection: all of a scene's instance categories asked (three per query), ChatRex P@0.5 / R@0.5 and
   COCO AP from the objects' confidences;
 - referring: every expression of every scene, one per query, HumanRef R / P / DF1 by domain, and
@@ -69,8 +70,9 @@ def run(
     langs = [describe(s, cfg) for s in scenes]
     proposals = [perceiver.propose(s.image) for s in scenes]
 
-    # UPN recall
+    # UPN recall, and how tight the best proposal of each object is (what the object encoder sees)
     hits = {"instance": [0, 0], "part": [0, 0]}
+    best_iou: dict[str, list[float]] = {"instance": [], "part": []}
     for s, (pb, _) in zip(scenes, proposals, strict=True):
         gt = torch.tensor([o.box for o in s.objects], dtype=torch.float64)
         best = box_iou(gt, torch.as_tensor(pb)).max(dim=1).values if len(pb) else torch.zeros(len(gt))
@@ -78,6 +80,12 @@ def run(
             key = "part" if o.kind == "part" else "instance"
             hits[key][0] += v >= 0.5
             hits[key][1] += 1
+            best_iou[key].append(v)
+    tightness = {
+        k: {"R@0.75": float(np.mean(np.array(v) >= 0.75)), "mean best IoU": float(np.mean(v))} if v else
+        {"R@0.75": 0.0, "mean best IoU": 0.0}
+        for k, v in best_iou.items()
+    }  # fmt: skip
 
     # every query, asked in batches
     queries: list[tuple[int, str, dict]] = []
@@ -208,6 +216,7 @@ def run(
     }
     metrics = {
         "targets": {k: {"measured": v, "target": TARGETS[k], "met": v >= TARGETS[k]} for k, v in measured.items()},
+        "upn_tightness": tightness,
         "detection_ap": {k: v for k, v in ap.items() if k != "pr_curve"},
         "humanref": ref.to_json(),
         "humanref_by_sub_domain": ref.by_sub_domain,
@@ -234,6 +243,7 @@ def run(
     ]
     notes = [
         f"{n} scenes (seed {HELD_OUT_SEED}+), {len(queries)} queries; COCO AP of detection {ap['AP']:.3f}; "
+        f"UPN recall@0.75 instances {tightness['instance']['R@0.75']:.3f}, parts {tightness['part']['R@0.75']:.3f}; "
         f"grounding phrases written by the {'decoder' if force_phrases else 'model'}; region classification "
         f"SS {semantic['SS']:.3f}, S-IoU {semantic['S-IoU']:.3f}; brief caption CIDEr-D {cider:.3f}"
     ]

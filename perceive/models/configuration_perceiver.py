@@ -158,8 +158,9 @@ TINY = {
                     "vocab_size": 512},  # the world tokenizer's size replaces this when a model is built
     # proposals under 0.1 add no recall on the world (99.2% / 99.7% either way) but double the boxes
     # and a box repeating one of the other granularity is one object twice (0.7: 275 -> 48 such, same recall)
+    # box refinement makes proposals tight (instances at IoU >= 0.75: 74.0% -> 92.3%), shaped as their objects
     "upn_config": {"image_size": 256, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "head_dim": 64,
-                   "min_score": 0.1, "cross_granularity_iou": 0.7},
+                   "min_score": 0.1, "cross_granularity_iou": 0.7, "box_refinement": True},
     "box_tokens": "fused",
     "index_token_features": True,
     "roi_pooling": "flatten",

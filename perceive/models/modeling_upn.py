@@ -15,6 +15,16 @@ part, and the language model then sees the same object twice and names it twice.
 held-out scenes at 0.7 it removes 83% of the boxes that re-cover an already covered object (275 to
 48 in 100 scenes) and no recall (instances 99.1%, parts 99.5% either way). The default (None, off)
 keeps the paper's two independent sets.
+
+With ``box_refinement`` a second stage refines every candidate box before suppression, as two-stage
+detectors do and as T-Rex2's decoder layers refine theirs: RoI Align over the stride-4 features
+(``refine_grid`` cells a side) and over the pixels (twice as many, for the outline) in a window
+``refine_context`` times the box, and an MLP that regresses the box's correction (centre shift in
+box sizes, log size ratios). It trains after the first stage, on that stage's frozen features. The
+centre cell's regression alone sees too little of an outline: its boxes came out square for every
+world shape (diamonds too, whose true log aspect is -0.28). Refined, on the world's held-out scenes,
+the instances with a proposal at IoU >= 0.75 go from 74.0% to 92.3% (mean best IoU 0.80 -> 0.88)
+and diamonds' boxes take their shape.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel, PretrainedConfig, PreTrainedModel
 
-from perceive.boxes import nms
+from perceive.boxes import nms, roi_align
 
 GRANULARITIES = ("coarse", "fine")
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -49,6 +59,9 @@ class UpnConfig(PretrainedConfig):
         nms_iou: float = 0.6,
         min_score: float = 0.01,
         cross_granularity_iou: float | None = None,
+        box_refinement: bool = False,
+        refine_grid: int = 7,
+        refine_context: float = 1.5,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -63,6 +76,11 @@ class UpnConfig(PretrainedConfig):
         if cross_granularity_iou is not None and not 0.0 < cross_granularity_iou <= 1.0:
             raise ValueError(f"cross_granularity_iou must be in (0, 1] or None, got {cross_granularity_iou}")
         self.cross_granularity_iou = cross_granularity_iou
+        if refine_grid < 1 or refine_context < 1.0:
+            raise ValueError(f"refine_grid must be >= 1 and refine_context >= 1, got {refine_grid}, {refine_context}")
+        self.box_refinement = box_refinement
+        self.refine_grid = refine_grid
+        self.refine_context = refine_context
 
     @property
     def stride(self) -> int:
@@ -87,6 +105,10 @@ class UpnModel(PreTrainedModel):
         self.prompts = nn.Parameter(torch.randn(len(GRANULARITIES), d) * 0.02)  # coarse, fine
         self.score_bias = nn.Parameter(torch.full((len(GRANULARITIES),), -4.0))  # rare positives at start
         self.box = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.GELU(), nn.Conv2d(d, 4, 1))
+        if config.box_refinement:
+            g = config.refine_grid
+            inputs = d * g * g + 3 * (2 * g) ** 2  # features, and the pixels at twice the grid for the outline
+            self.refine = nn.Sequential(nn.Linear(inputs, 256), nn.GELU(), nn.Linear(256, 4))
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -97,8 +119,8 @@ class UpnModel(PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """``pixel_values`` ``[B, 3, S, S]`` normalised. Returns stride-4 maps: ``scores`` (logits,
-        ``[B, 2, S/4, S/4]``) and ``boxes`` (``[B, 4, S/4, S/4]``: centre offset in cells and log
-        size in cells)."""
+        ``[B, 2, S/4, S/4]``), ``boxes`` (``[B, 4, S/4, S/4]``: centre offset in cells and log size in
+        cells) and ``features`` (``[B, head_dim, S/4, S/4]``, what box refinement reads)."""
         feats = self.backbone(pixel_values, output_hidden_states=True).hidden_states[1:]
         size = feats[0].shape[-2:]
         fused = sum(
@@ -108,7 +130,39 @@ class UpnModel(PreTrainedModel):
         emb = self.embed(fused)
         scores = torch.einsum("bdhw,gd->bghw", emb, self.prompts) / math.sqrt(emb.shape[1])
         scores = scores + self.score_bias[None, :, None, None]
-        return {"scores": scores, "boxes": self.box(fused)}
+        return {"scores": scores, "boxes": self.box(fused), "features": fused}
+
+    def refine_deltas(self, features: torch.Tensor, pixel_values: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """Corrections ``[K, 4]`` (dx / w, dy / h, log w ratio, log h ratio) of ``rois`` ``[K, 5]`` (batch
+        index, xyxy pixels) from the ``features`` of ``forward`` and its input ``pixel_values``."""
+        if not self.config.box_refinement:
+            raise ValueError("this UPN has no box refinement (config.box_refinement is False)")
+        cx, cy = (rois[:, 1] + rois[:, 3]) / 2, (rois[:, 2] + rois[:, 4]) / 2
+        half_w = (rois[:, 3] - rois[:, 1]).clamp(min=1.0) * self.config.refine_context / 2
+        half_h = (rois[:, 4] - rois[:, 2]).clamp(min=1.0) * self.config.refine_context / 2
+        window = torch.stack([rois[:, 0], cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
+        g = self.config.refine_grid
+        grid = roi_align(features, window, g, 1 / self.config.stride, 2, aligned=True)
+        pixels = roi_align(pixel_values, window, 2 * g, 1.0, 2, aligned=True)
+        return self.refine(torch.cat([grid.flatten(1), pixels.flatten(1)], dim=1))
+
+    @staticmethod
+    def apply_deltas(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """``boxes`` ``[K, 4]`` xyxy moved and resized by ``deltas`` (as ``refine_deltas``); size changes are
+        capped at a factor of e either way, so one wild output cannot make a box of the whole image."""
+        w, h = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0), (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 + deltas[:, 0] * w, (boxes[:, 1] + boxes[:, 3]) / 2 + deltas[:, 1] * h
+        w, h = w * deltas[:, 2].clamp(-1, 1).exp(), h * deltas[:, 3].clamp(-1, 1).exp()
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
+
+    @staticmethod
+    def target_deltas(boxes: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """The ``deltas`` that ``apply_deltas`` needs to turn ``boxes`` into ``truth`` (both ``[K, 4]`` xyxy)."""
+        w, h = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0), (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
+        tw, th = (truth[:, 2] - truth[:, 0]).clamp(min=1.0), (truth[:, 3] - truth[:, 1]).clamp(min=1.0)
+        dx = ((truth[:, 0] + truth[:, 2]) - (boxes[:, 0] + boxes[:, 2])) / 2 / w
+        dy = ((truth[:, 1] + truth[:, 3]) - (boxes[:, 1] + boxes[:, 3])) / 2 / h
+        return torch.stack([dx, dy, (tw / w).log(), (th / h).log()], dim=1)
 
     # ------------------------------------------------------------------------------------------
     # training targets and loss
@@ -149,9 +203,47 @@ class UpnModel(PreTrainedModel):
         box_loss = F.l1_loss(reg_pred, reg_true, reduction="sum") / n if len(reg_true) else pred.sum() * 0
         return {"heatmap": (pos_loss + neg_loss) / n, "box": box_loss, "loss": (pos_loss + neg_loss) / n + box_loss}
 
+    def refinement_loss(
+        self, out: dict[str, torch.Tensor], pixel_values: torch.Tensor, boxes: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """L1 between the refinement's corrections and the true ones, for each true box (per image
+        ``xyxy`` pixels) seen from three boxes: the first stage's own box at its centre cell (what a
+        proposal of it looks like) and two random distortions of the truth (centre shifted up to 20% of
+        the size, each side scaled by up to e^0.3), so the head learns the first stage's errors and
+        larger ones."""
+        m = out["boxes"].shape[-1]
+        s = self.config.stride
+        per_image: list[torch.Tensor] = []
+        truth: list[torch.Tensor] = []
+        for i, bx in enumerate(boxes):
+            if not len(bx):
+                continue
+            bx = bx.float()
+            ix = ((bx[:, 0] + bx[:, 2]) / 2 / s).long().clamp(0, m - 1)
+            iy = ((bx[:, 1] + bx[:, 3]) / 2 / s).long().clamp(0, m - 1)
+            first = self._cell_boxes(out["boxes"][i, :, iy, ix].detach().float(), ix, iy)
+            size = (bx[:, 2:] - bx[:, :2]).repeat(2, 1)
+            centre = ((bx[:, :2] + bx[:, 2:]) / 2).repeat(2, 1) + (torch.rand_like(size) - 0.5) * 0.4 * size
+            half = size * ((torch.rand_like(size) - 0.5) * 0.6).exp() / 2
+            candidates = torch.cat([first, torch.cat([centre - half, centre + half], dim=1)])
+            per_image.append(torch.cat([torch.full_like(candidates[:, :1], i), candidates], dim=1))
+            truth.append(bx.repeat(3, 1))
+        if not per_image:  # nothing to learn; a zero that a caller can still call backward() on
+            return torch.zeros((), device=pixel_values.device, requires_grad=True)
+        rois = torch.cat(per_image)
+        deltas = self.refine_deltas(out["features"], pixel_values, rois)
+        return F.l1_loss(deltas, self.target_deltas(rois[:, 1:], torch.cat(truth)))
+
     # ------------------------------------------------------------------------------------------
     # proposals
     # ------------------------------------------------------------------------------------------
+
+    def _cell_boxes(self, reg: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor) -> torch.Tensor:
+        """``[K, 4]`` xyxy pixel boxes from the box map's values ``reg`` ``[4, K]`` at cells (``iy``, ``ix``)."""
+        s = self.config.stride
+        cx, cy = (ix + reg[0]) * s, (iy + reg[1]) * s
+        w, h = reg[2].clamp(max=8).exp() * s, reg[3].clamp(max=8).exp() * s
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
 
     @torch.no_grad()
     def propose(self, pixel_values: torch.Tensor, max_proposals: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -163,25 +255,29 @@ class UpnModel(PreTrainedModel):
         heat = out["scores"].sigmoid()
         peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
         b, g, _, w = heat.shape
-        s = cfg.stride
-        results = []
+        size = pixel_values.shape[-1]
+        # every image's candidates of both granularities first, so that refinement is one batched call
+        candidates = []  # (image, boxes, scores, granularity)
         for i in range(b):
-            all_boxes, all_scores, all_gran = [], [], []
             for k in range(g):
                 flat = peaks[i, k].flatten()
                 top = torch.topk(flat, min(cfg.pre_nms_topk, flat.numel()))
                 keep = top.values >= cfg.min_score
                 idx, sc = top.indices[keep], top.values[keep]
                 iy, ix = idx // w, idx % w
-                r = out["boxes"][i, :, iy, ix]
-                cx, cy = (ix + r[0]) * s, (iy + r[1]) * s
-                bw, bh = r[2].clamp(max=8).exp() * s, r[3].clamp(max=8).exp() * s
-                boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
-                size = pixel_values.shape[-1]
-                all_boxes.append(boxes.clamp(0, size))
-                all_scores.append(sc)
-                all_gran.append(torch.full_like(sc, k, dtype=torch.long))
-            boxes, scores, gran = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_gran)
+                boxes = self._cell_boxes(out["boxes"][i, :, iy, ix], ix, iy)
+                candidates.append((i, boxes, sc, torch.full_like(sc, k, dtype=torch.long)))
+        all_boxes = torch.cat([c[1] for c in candidates])
+        if cfg.box_refinement and len(all_boxes):
+            image = torch.cat([torch.full((len(c[1]), 1), c[0], dtype=all_boxes.dtype) for c in candidates])
+            deltas = self.refine_deltas(out["features"], pixel_values, torch.cat([image, all_boxes], dim=1))
+            all_boxes = self.apply_deltas(all_boxes, deltas)
+        all_boxes = all_boxes.clamp(0, size).split([len(c[1]) for c in candidates])
+        results = []
+        for i in range(b):
+            boxes = torch.cat(all_boxes[i * g : (i + 1) * g])
+            scores = torch.cat([c[2] for c in candidates[i * g : (i + 1) * g]])
+            gran = torch.cat([c[3] for c in candidates[i * g : (i + 1) * g]])
             cross = cfg.cross_granularity_iou
             keep = nms(boxes, scores, cfg.nms_iou, labels=gran, max_keep=cap if cross is None else None)
             if cross is not None:

@@ -55,6 +55,9 @@ class Recipe:
     upn_steps: int = 1200
     upn_batch_size: int = 16
     upn_lr: float = 2e-3
+    # the UPN's box refinement (when its config has one), trained after the rest on the frozen first stage
+    upn_refine_steps: int = 800
+    upn_refine_lr: float = 1e-3
     stages: list[Stage] = field(default_factory=list)
     world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
     upn_proposals: bool = True
@@ -77,7 +80,7 @@ RECIPES = {
                                              Stage("perception", 1750, 6e-4, "all", PERCEPTION_TASKS),
                                              Stage("joint", 650, 3e-4, "all")]),
     # a few steps of everything, for tests and for trying the pipeline
-    "smoke": Recipe(batch_size=4, upn_steps=4, upn_batch_size=4, checkpoint_every=2, warmup=1,
+    "smoke": Recipe(batch_size=4, upn_steps=4, upn_batch_size=4, upn_refine_steps=4, checkpoint_every=2, warmup=1,
                     world={"size": 128, "person_share": 0.35, "max_objects": 5},
                     stages=[Stage("alignment", 2, 1e-3, "alignment", ALIGNMENT_TASKS),
                             Stage("perception", 2, 1e-3, "all", PERCEPTION_TASKS), Stage("joint", 2, 1e-3, "all")]),
@@ -205,6 +208,53 @@ def _loop(
     return step
 
 
+def _upn_batch(
+    seed: int, step: int, b: int, ddp: Distributed, world: WorldConfig
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """A step's scenes for UPN training: normalised pixels, true boxes and granularities (1 for parts)."""
+    seeds = [seed * 10_000_019 + step * b * ddp.world + ddp.rank * b + j for j in range(b)]
+    scenes = [generate_scene(s, world) for s in seeds]
+    x = normalize_image(torch.stack([torch.from_numpy(s.image.copy()).permute(2, 0, 1).float() / 255 for s in scenes]))
+    boxes = [torch.tensor([o.box for o in s.objects]) for s in scenes]
+    gran = [torch.tensor([1 if o.kind == "part" else 0 for o in s.objects]) for s in scenes]
+    return x, boxes, gran
+
+
+def _train_box_refinement(
+    recipe: Recipe,
+    out: Path,
+    upn: UpnModel,
+    world: WorldConfig,
+    ddp: Distributed,
+    progress: bool,
+    log: Path,
+    stop_after: int | None,
+) -> bool:
+    """Train the UPN's box refinement with the first stage frozen (it only reads its features and boxes);
+    True when the phase has finished."""
+    for name, p in upn.named_parameters():
+        p.requires_grad = name.startswith("refine.")
+    params = [p for p in upn.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.upn_refine_lr, weight_decay=1e-4)
+    total, b = recipe.upn_refine_steps, recipe.upn_batch_size
+    torch.manual_seed(recipe.seed + 1)  # the distortions it learns from; a resume restores the RNG itself
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        for group in opt.param_groups:
+            group["lr"] = recipe.upn_refine_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / total))
+        x, boxes, _ = _upn_batch(recipe.seed + 11, step, b, ddp, world)
+        with torch.no_grad():
+            res = upn(x)
+        loss = upn.refinement_loss(res, x, boxes)
+        loss.backward()
+        return {"loss": loss.detach()}
+
+    end = _loop("upn_refine", out, upn, opt, total, step_fn, recipe.checkpoint_every, ddp, progress, log, stop_after)
+    for p in upn.parameters():
+        p.requires_grad = True
+    return end >= total
+
+
 def train_upn(
     recipe: Recipe, out: Path, ddp: Distributed, progress: bool, log: Path, stop_after: int | None = None
 ) -> UpnModel | None:
@@ -221,13 +271,7 @@ def train_upn(
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         for group in opt.param_groups:
             group["lr"] = recipe.upn_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / recipe.upn_steps))
-        seeds = [(recipe.seed + 7) * 10_000_019 + step * b * ddp.world + ddp.rank * b + j for j in range(b)]
-        scenes = [generate_scene(s, world) for s in seeds]
-        x = normalize_image(
-            torch.stack([torch.from_numpy(s.image.copy()).permute(2, 0, 1).float() / 255 for s in scenes])
-        )
-        boxes = [torch.tensor([o.box for o in s.objects]) for s in scenes]
-        gran = [torch.tensor([1 if o.kind == "part" else 0 for o in s.objects]) for s in scenes]
+        x, boxes, gran = _upn_batch(recipe.seed + 7, step, b, ddp, world)
         res = upn(x)
         losses = upn.loss(res, upn.targets(boxes, gran, res["scores"].shape[-1]))
         losses["loss"].backward()
@@ -236,6 +280,8 @@ def train_upn(
     end = _loop("upn", out, upn, opt, recipe.upn_steps, step_fn, recipe.checkpoint_every, ddp, progress, log,
                 stop_after)  # fmt: skip
     if end < recipe.upn_steps:
+        return None
+    if cfg.box_refinement and not _train_box_refinement(recipe, out, upn, world, ddp, progress, log, stop_after):
         return None
     if ddp.main:
         upn.save_pretrained(str(out / "upn"))
@@ -313,6 +359,10 @@ def loss_curve(log: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    first_stage = max((r["step"] for r in rows if r["phase"] == "upn"), default=0)
+    for r in rows:
+        if r["phase"] == "upn_refine":  # the UPN's panel, after its first stage
+            r.update(phase="upn", step=first_stage + r["step"], box_refinement=r.pop("loss"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, phase in zip(axes, ("upn", "mllm"), strict=True):
         pts = [r for r in rows if r["phase"] == phase]
