@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import ConvNextConfig, ConvNextModel, PretrainedConfig, PreTrainedModel
 
-from perceive.boxes import nms, roi_align
+from perceive.boxes import convert, nms, roi_align
 
 GRANULARITIES = ("coarse", "fine")
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -137,10 +137,9 @@ class UpnModel(PreTrainedModel):
         index, xyxy pixels) from the ``features`` of ``forward`` and its input ``pixel_values``."""
         if not self.config.box_refinement:
             raise ValueError("this UPN has no box refinement (config.box_refinement is False)")
-        cx, cy = (rois[:, 1] + rois[:, 3]) / 2, (rois[:, 2] + rois[:, 4]) / 2
-        half_w = (rois[:, 3] - rois[:, 1]).clamp(min=1.0) * self.config.refine_context / 2
-        half_h = (rois[:, 4] - rois[:, 2]).clamp(min=1.0) * self.config.refine_context / 2
-        window = torch.stack([rois[:, 0], cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
+        box = convert(rois[:, 1:], "xyxy", "cxcywh")
+        box = torch.cat([box[:, :2], box[:, 2:].clamp(min=1.0) * self.config.refine_context], dim=1)
+        window = torch.cat([rois[:, :1], convert(box, "cxcywh", "xyxy")], dim=1)
         g = self.config.refine_grid
         grid = roi_align(features, window, g, 1 / self.config.stride, 2, aligned=True)
         pixels = roi_align(pixel_values, window, 2 * g, 1.0, 2, aligned=True)
@@ -150,19 +149,17 @@ class UpnModel(PreTrainedModel):
     def apply_deltas(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         """``boxes`` ``[K, 4]`` xyxy moved and resized by ``deltas`` (as ``refine_deltas``); size changes are
         capped at a factor of e either way, so one wild output cannot make a box of the whole image."""
-        w, h = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0), (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
-        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 + deltas[:, 0] * w, (boxes[:, 1] + boxes[:, 3]) / 2 + deltas[:, 1] * h
-        w, h = w * deltas[:, 2].clamp(-1, 1).exp(), h * deltas[:, 3].clamp(-1, 1).exp()
-        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
+        box = convert(boxes, "xyxy", "cxcywh")
+        size = box[:, 2:].clamp(min=1.0)
+        moved = torch.cat([box[:, :2] + deltas[:, :2] * size, size * deltas[:, 2:].clamp(-1, 1).exp()], dim=1)
+        return convert(moved, "cxcywh", "xyxy")
 
     @staticmethod
     def target_deltas(boxes: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """The ``deltas`` that ``apply_deltas`` needs to turn ``boxes`` into ``truth`` (both ``[K, 4]`` xyxy)."""
-        w, h = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0), (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
-        tw, th = (truth[:, 2] - truth[:, 0]).clamp(min=1.0), (truth[:, 3] - truth[:, 1]).clamp(min=1.0)
-        dx = ((truth[:, 0] + truth[:, 2]) - (boxes[:, 0] + boxes[:, 2])) / 2 / w
-        dy = ((truth[:, 1] + truth[:, 3]) - (boxes[:, 1] + boxes[:, 3])) / 2 / h
-        return torch.stack([dx, dy, (tw / w).log(), (th / h).log()], dim=1)
+        box, true = convert(boxes, "xyxy", "cxcywh"), convert(truth, "xyxy", "cxcywh")
+        size, true_size = box[:, 2:].clamp(min=1.0), true[:, 2:].clamp(min=1.0)
+        return torch.cat([(true[:, :2] - box[:, :2]) / size, (true_size / size).log()], dim=1)
 
     # ------------------------------------------------------------------------------------------
     # training targets and loss
@@ -224,8 +221,9 @@ class UpnModel(PreTrainedModel):
             first = self._cell_boxes(out["boxes"][i, :, iy, ix].detach().float(), ix, iy)
             size = (bx[:, 2:] - bx[:, :2]).repeat(2, 1)
             centre = ((bx[:, :2] + bx[:, 2:]) / 2).repeat(2, 1) + (torch.rand_like(size) - 0.5) * 0.4 * size
-            half = size * ((torch.rand_like(size) - 0.5) * 0.6).exp() / 2
-            candidates = torch.cat([first, torch.cat([centre - half, centre + half], dim=1)])
+            jittered = convert(torch.cat([centre, size * ((torch.rand_like(size) - 0.5) * 0.6).exp()], dim=1),
+                               "cxcywh", "xyxy")  # fmt: skip
+            candidates = torch.cat([first, jittered])
             per_image.append(torch.cat([torch.full_like(candidates[:, :1], i), candidates], dim=1))
             truth.append(bx.repeat(3, 1))
         if not per_image:  # nothing to learn; a zero that a caller can still call backward() on
@@ -241,9 +239,8 @@ class UpnModel(PreTrainedModel):
     def _cell_boxes(self, reg: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor) -> torch.Tensor:
         """``[K, 4]`` xyxy pixel boxes from the box map's values ``reg`` ``[4, K]`` at cells (``iy``, ``ix``)."""
         s = self.config.stride
-        cx, cy = (ix + reg[0]) * s, (iy + reg[1]) * s
-        w, h = reg[2].clamp(max=8).exp() * s, reg[3].clamp(max=8).exp() * s
-        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=1)
+        centred = torch.stack([ix + reg[0], iy + reg[1], reg[2].clamp(max=8).exp(), reg[3].clamp(max=8).exp()], dim=1)
+        return convert(centred * s, "cxcywh", "xyxy")
 
     @torch.no_grad()
     def propose(self, pixel_values: torch.Tensor, max_proposals: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -255,9 +252,8 @@ class UpnModel(PreTrainedModel):
         heat = out["scores"].sigmoid()
         peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
         b, g, _, w = heat.shape
-        size = pixel_values.shape[-1]
         # every image's candidates of both granularities first, so that refinement is one batched call
-        candidates = []  # (image, boxes, scores, granularity)
+        all_boxes, all_scores, all_gran, all_image = [], [], [], []
         for i in range(b):
             for k in range(g):
                 flat = peaks[i, k].flatten()
@@ -265,19 +261,19 @@ class UpnModel(PreTrainedModel):
                 keep = top.values >= cfg.min_score
                 idx, sc = top.indices[keep], top.values[keep]
                 iy, ix = idx // w, idx % w
-                boxes = self._cell_boxes(out["boxes"][i, :, iy, ix], ix, iy)
-                candidates.append((i, boxes, sc, torch.full_like(sc, k, dtype=torch.long)))
-        all_boxes = torch.cat([c[1] for c in candidates])
-        if cfg.box_refinement and len(all_boxes):
-            image = torch.cat([torch.full((len(c[1]), 1), c[0], dtype=all_boxes.dtype) for c in candidates])
-            deltas = self.refine_deltas(out["features"], pixel_values, torch.cat([image, all_boxes], dim=1))
-            all_boxes = self.apply_deltas(all_boxes, deltas)
-        all_boxes = all_boxes.clamp(0, size).split([len(c[1]) for c in candidates])
+                all_boxes.append(self._cell_boxes(out["boxes"][i, :, iy, ix], ix, iy))
+                all_scores.append(sc)
+                all_gran.append(torch.full_like(sc, k, dtype=torch.long))
+                all_image.append(torch.full_like(sc, i, dtype=torch.long))
+        boxes, image = torch.cat(all_boxes), torch.cat(all_image)
+        if cfg.box_refinement and len(boxes):
+            rois = torch.cat([image[:, None].to(boxes.dtype), boxes], dim=1)
+            boxes = self.apply_deltas(boxes, self.refine_deltas(out["features"], pixel_values, rois))
+        per_image = torch.bincount(image, minlength=b).tolist()
+        groups = zip(boxes.clamp(0, pixel_values.shape[-1]).split(per_image), torch.cat(all_scores).split(per_image),
+                     torch.cat(all_gran).split(per_image), strict=True)  # fmt: skip
         results = []
-        for i in range(b):
-            boxes = torch.cat(all_boxes[i * g : (i + 1) * g])
-            scores = torch.cat([c[2] for c in candidates[i * g : (i + 1) * g]])
-            gran = torch.cat([c[3] for c in candidates[i * g : (i + 1) * g]])
+        for boxes, scores, gran in groups:
             cross = cfg.cross_granularity_iou
             keep = nms(boxes, scores, cfg.nms_iou, labels=gran, max_keep=cap if cross is None else None)
             if cross is not None:
