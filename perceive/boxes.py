@@ -111,6 +111,24 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 
 
+def match_one_to_one(iou: torch.Tensor, threshold: float = 0.5) -> list[int | None]:
+    """For each row (a true object) of an ``[N, M]`` IoU matrix, the column (a proposal) it is matched
+    to, or None: the best-covered objects choose first, each takes its best proposal not yet taken,
+    and only at IoU >= ``threshold``. A proposal stands for one object at most, as in detection
+    evaluation: a flag's box that fits the arm holding it better is the arm's."""
+    matched: list[int | None] = [None] * iou.shape[0]
+    if iou.shape[1] == 0:
+        return matched
+    taken = torch.zeros(iou.shape[1], dtype=torch.bool)
+    for i in torch.argsort(-iou.max(dim=1).values, stable=True).tolist():
+        candidates = iou[i].masked_fill(taken, -1.0)
+        j = int(candidates.argmax())
+        if candidates[j] >= threshold:
+            matched[i] = j
+            taken[j] = True
+    return matched
+
+
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU (Rezatofighi et al. 2019) of ``xyxy`` boxes, in [-1, 1]; differentiable."""
     inter, union = _pairwise_inter_union(boxes1, boxes2)

@@ -79,6 +79,20 @@ def test_nms_keeps_a_box_whose_iou_equals_the_threshold():
     assert B.nms(boxes, torch.tensor([1.0, 0.5]), 0.09).tolist() == [0]
 
 
+def test_one_to_one_matching_lets_the_best_covered_object_choose_first():
+    # rows: a flag, the arm holding it, a ball; columns: proposals
+    iou = torch.tensor([
+        [0.60, 0.55, 0.00],  # the flag: proposal 0 fits it, but fits the arm better
+        [0.90, 0.10, 0.00],
+        [0.00, 0.00, 0.49],  # the ball's only proposal is under the threshold
+    ])  # fmt: skip
+    assert B.match_one_to_one(iou) == [1, 0, None]
+    assert B.match_one_to_one(iou, threshold=0.58) == [None, 0, None]  # its second choice is too loose
+    assert B.match_one_to_one(iou, threshold=0.49) == [1, 0, 2]  # the threshold counts as a match
+    assert B.match_one_to_one(iou[:, :1]) == [None, 0, None]  # one proposal stands for one object
+    assert B.match_one_to_one(torch.zeros(3, 0)) == [None, None, None]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(

@@ -7,7 +7,7 @@ import torch
 
 from perceive.boxes import box_iou
 from perceive.formats import chatrex
-from perceive.models.configuration_perceiver import PerceiverConfig, named_config
+from perceive.models.configuration_perceiver import ATTRIBUTES, PerceiverConfig, named_config
 from perceive.models.decoding import GrammarMasks, _index_or_stop, generate
 from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_position_embedding
 from perceive.models.modeling_upn import UpnConfig, UpnModel
@@ -273,6 +273,38 @@ def test_object_tokens_enter_where_the_config_says(world_tokenizer, micro_config
             assert torch.allclose(emb[0, p - 1], want, atol=1e-6)
 
 
+def test_object_tokens_carry_the_attribute_heads_reading(world_tokenizer, micro_config):
+    model = _model(micro_config, attribute_embedding=True).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
+    mask = batch["box_mask"]
+    assert not mask.all()  # the two scenes' box counts differ: one is padded
+
+    def tokens():
+        v = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+        return v["object_features"], v["object_tokens"]
+
+    with torch.no_grad():
+        feats, before = tokens()
+        plain = model.object_projector(feats)
+        assert torch.equal(before[~mask], plain[~mask])  # padding carries nothing
+        # the category head made sure of class 3: each real box's token moves by that column less its old reading
+        n = ATTRIBUTES["category"]
+        old = model.attribute_heads["category"](feats).softmax(-1)
+        model.attribute_heads["category"].bias[3] = 1e4
+        _, after = tokens()
+        category_columns = model.attribute_embedding.weight[:, :n]  # the category block comes first
+        sure = torch.nn.functional.one_hot(torch.tensor(3), n).float()
+        want = before + ((sure - old) @ category_columns.T) * mask[..., None]
+        assert torch.allclose(after, want, atol=1e-4) and not torch.allclose(after[mask], before[mask], atol=1e-3)
+    # the reading is given as is: the answer's loss reaches the embedding, not the heads that read
+    model.train()
+    out = model(**{**batch, "attribute_labels": None})
+    out.loss.backward()
+    assert model.attribute_embedding.weight.grad is not None and model.attribute_embedding.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.attribute_heads.parameters())
+
+
 @pytest.mark.parametrize(
     "box_tokens, prefix_attention", [("fused", "causal"), ("pair", "causal"), ("fused", "bidirectional")]
 )
@@ -432,9 +464,11 @@ def test_named_configs():
     assert (real.box_tokens, real.index_token_features) == ("pair", False)
     assert (tiny.roi_pooling, real.roi_pooling) == ("flatten", "mean")
     # a config.json saved before these options existed keeps meaning what it meant
-    new_options = ("box_tokens", "index_token_features", "roi_pooling")
+    new_options = ("box_tokens", "index_token_features", "roi_pooling", "attribute_embedding")
     old = PerceiverConfig(**{k: v for k, v in tiny.to_dict().items() if k not in new_options})
     assert (old.box_tokens, old.index_token_features, old.roi_pooling) == ("pair", False, "mean")
+    assert not old.attribute_embedding
+    assert tiny.attribute_embedding and not real.attribute_embedding
     with pytest.raises(ValueError, match="box_tokens"):
         PerceiverConfig(box_tokens="triple")
     with pytest.raises(ValueError, match="roi_pooling"):

@@ -93,6 +93,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         self.position_proj = nn.Linear(config.position_dim, config.object_dim)
         self.object_projector = _mlp(config.object_dim, hidden)
         self.attribute_heads = nn.ModuleDict({k: nn.Linear(config.object_dim, n) for k, n in ATTRIBUTES.items()})
+        if config.attribute_embedding:
+            self.attribute_embedding = nn.Linear(sum(ATTRIBUTES.values()), hidden)
         if config.index_head == "pointer":
             self.pointer_query = nn.Linear(hidden, hidden)
             self.pointer_key = nn.Linear(hidden, hidden)
@@ -129,7 +131,12 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             box_position_embedding(boxes.reshape(-1, 4), self.config.position_dim)
         )
         obj = obj.reshape(b, k, -1) * box_mask[..., None]
-        return obj, self.object_projector(obj)
+        tokens = self.object_projector(obj)
+        if self.config.attribute_embedding:
+            # the heads' own reading, as given: the attribute loss alone decides what it says
+            probs = torch.cat([head(obj).softmax(dim=-1) for head in self.attribute_heads.values()], dim=-1).detach()
+            tokens = tokens + self.attribute_embedding(probs) * box_mask[..., None]
+        return obj, tokens
 
     def embed(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor

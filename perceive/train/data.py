@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from perceive.boxes import box_iou
+from perceive.boxes import box_iou, match_one_to_one
 from perceive.data.tasks import TASKS, make_qa
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
@@ -88,16 +88,14 @@ class WorldTasks:
         ids: list[int | None] = [o.id for o in scene.objects]
         boxes = gt.copy()
         if proposals is not None and len(proposals):
-            iou = box_iou(torch.from_numpy(gt), torch.from_numpy(proposals)).numpy()
+            iou = box_iou(torch.from_numpy(gt), torch.from_numpy(proposals))
             taken = np.zeros(len(proposals), dtype=bool)
-            for i in np.argsort(-iou.max(axis=1)):  # best-covered objects choose first
-                candidates = np.where(taken, -1.0, iou[i])
-                j = int(candidates.argmax())
-                if candidates[j] >= 0.5:
+            for i, j in enumerate(match_one_to_one(iou)):
+                if j is not None:
                     boxes[i] = proposals[j]
                     taken[j] = True
             extra = [j for j in range(len(proposals))
-                     if not taken[j] and (self.near_duplicates or iou[:, j].max() < 0.5)]  # fmt: skip
+                     if not taken[j] and (self.near_duplicates or float(iou[:, j].max()) < 0.5)]  # fmt: skip
             room = self.processor.config.max_objects - len(boxes)
             extra = extra[: max(0, room)]
             boxes = np.concatenate([boxes, proposals[extra]]) if extra else boxes
