@@ -133,8 +133,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         obj = obj.reshape(b, k, -1) * box_mask[..., None]
         tokens = self.object_projector(obj)
         if self.config.attribute_embedding:
-            # the heads' own reading, as given: the attribute loss alone decides what it says
-            probs = torch.cat([head(obj).softmax(dim=-1) for head in self.attribute_heads.values()], dim=-1).detach()
+            with torch.no_grad():  # the heads' own reading, as given: the attribute loss alone decides what it says
+                probs = torch.cat([head(obj).softmax(dim=-1) for head in self.attribute_heads.values()], dim=-1)
             tokens = tokens + self.attribute_embedding(probs) * box_mask[..., None]
         return obj, tokens
 

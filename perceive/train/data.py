@@ -89,13 +89,12 @@ class WorldTasks:
         boxes = gt.copy()
         if proposals is not None and len(proposals):
             iou = box_iou(torch.from_numpy(gt), torch.from_numpy(proposals))
-            taken = np.zeros(len(proposals), dtype=bool)
-            for i, j in enumerate(match_one_to_one(iou)):
+            matched = match_one_to_one(iou)
+            for i, j in enumerate(matched):
                 if j is not None:
                     boxes[i] = proposals[j]
-                    taken[j] = True
             extra = [j for j in range(len(proposals))
-                     if not taken[j] and (self.near_duplicates or float(iou[:, j].max()) < 0.5)]  # fmt: skip
+                     if j not in matched and (self.near_duplicates or float(iou[:, j].max()) < 0.5)]  # fmt: skip
             room = self.processor.config.max_objects - len(boxes)
             extra = extra[: max(0, room)]
             boxes = np.concatenate([boxes, proposals[extra]]) if extra else boxes
