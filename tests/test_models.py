@@ -279,6 +279,10 @@ def test_object_tokens_carry_the_attribute_heads_reading(world_tokenizer, micro_
     batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
     mask = batch["box_mask"]
     assert not mask.all()  # the two scenes' box counts differ: one is padded
+    # built at the scale trained object tokens reach (norm ~sqrt(hidden)), not at the usual 0.02
+    hidden = model.config.text().hidden_size
+    column_norms = model.attribute_embedding.weight.norm(dim=0)
+    assert 0.7 * hidden**0.5 < float(column_norms.mean()) < 1.3 * hidden**0.5
 
     def tokens():
         v = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))

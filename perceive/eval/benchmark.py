@@ -234,6 +234,7 @@ def run(
         "scenes": n,
         "queries": len(queries),
         "region_questions": region_n,
+        "counting_questions": count_n,
         "instances_without_own_proposal": region_unmatched,
         "queries_per_s_in_benchmark": len(queries) / eval_seconds,
     }
@@ -256,7 +257,7 @@ def run(
         f"grounding phrases written by the {'decoder' if force_phrases else 'model'}; region classification "
         f"SS {semantic['SS']:.3f}, S-IoU {semantic['S-IoU']:.3f}; brief caption CIDEr-D {cider:.3f}",
         f"region category asked of {region_n} instances through their own proposals (matched one to one); "
-        f"{region_unmatched} instances had none",
+        f"{region_unmatched} instances had none; counting asked {count_n} times",
     ]
     return Report("perceive benchmark: world suite", metrics, tables, notes)
 

@@ -66,7 +66,12 @@ class PerceiverPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if module is getattr(self, "attribute_embedding", None):
+            # at the scale object tokens grow to (norm ~sqrt(hidden)): at 0.02 the heads' reading is a
+            # whisper beside the features, and the language model never learns to hear it
+            nn.init.normal_(module.weight, std=1.0)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
