@@ -78,7 +78,8 @@ class Recipe:
 
 RECIPES = {
     # sized to the 45-minute budget on 2 cores: measured UPN 8 min at 2.5 steps/s, its box refinement 4 min at
-    # 3.4, MLLM 32-33 min at 1.33. Of two MLLM seeds on the same UPN, 1 measured better than 0 (README, "Measured")
+    # 3.4, MLLM 30-33 min at 1.33-1.43. Of two MLLM seeds on the same UPN, 1 measured better than 0 in two
+    # rounds (README, "Measured")
     "tiny": Recipe(precision="bf16", mllm_seed=1,
                    stages=[Stage("alignment", 200, 1e-3, "alignment", ALIGNMENT_TASKS),
                            Stage("perception", 1750, 6e-4, "all", PERCEPTION_TASKS), Stage("joint", 650, 3e-4, "all")]),
