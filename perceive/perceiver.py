@@ -28,6 +28,7 @@ from perceive.tokenization import detokenize, load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 _GROUNDING = re.compile("^" + re.escape(TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
+ANSWER_INPUTS = ("image_tokens", "object_features", "object_tokens")  # what answering reads of an image's encoding
 
 
 def grounding_phrases(question: str) -> list[str] | None:
@@ -179,8 +180,8 @@ class Perceiver:
             mask[i, : len(b)] = True
         visual = self.model.encode_visual(pixels["pixel_low"], pixels["pixel_high"], pixels["rgb_high"], box_t, mask)
         return [
-            EncodedImage(arr, frame, b, sc, n, {key: v[i : i + 1, : (len(b) if key != "image_tokens" else None)]
-                                                 for key, v in visual.items()})
+            EncodedImage(arr, frame, b, sc, n, {key: visual[key][i : i + 1, : None if key == "image_tokens" else len(b)]
+                                                for key in ANSWER_INPUTS})
             for i, (arr, frame, b, sc, n) in enumerate(zip(arrays, frames, per_boxes, per_scores, notes, strict=True))
         ]  # fmt: skip
 
@@ -204,7 +205,7 @@ class Perceiver:
         batch = self.processor.collate(examples, [e.frame.normalize(e.boxes) for e in encoded], pad_left=True)
         k = batch["boxes"].shape[1]
         visual = {}
-        for key in ("image_tokens", "object_features", "object_tokens"):
+        for key in ANSWER_INPUTS:
             parts = [e.visual[key] for e in encoded]
             if key != "image_tokens":  # pad objects to the batch's box count
                 parts = [torch.nn.functional.pad(p, (0, 0, 0, k - p.shape[1])) for p in parts]

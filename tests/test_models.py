@@ -7,14 +7,15 @@ import torch
 
 from perceive.boxes import box_iou
 from perceive.formats import chatrex
-from perceive.models.configuration_perceiver import ATTRIBUTES, PerceiverConfig, named_config
+from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES, PerceiverConfig, named_config
 from perceive.models.decoding import GrammarMasks, _index_or_stop, generate
-from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_position_embedding
+from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_coordinates, box_position_embedding
 from perceive.models.modeling_upn import UpnConfig, UpnModel
 from perceive.processing import IGNORE, ImageFrame, PerceiverProcessor
 from perceive.tokenization import detokenize
-from perceive.train.data import WorldTasks
-from perceive.world.generator import WorldConfig
+from perceive.train.data import ATTRIBUTE_TARGETS, WorldTasks, attribute_targets
+from perceive.world.generator import WorldConfig, generate_scene
+from perceive.world.scene import COLORS, ITEMS
 
 WORLD = WorldConfig(size=128, person_share=0.35, max_objects=5)
 
@@ -281,7 +282,7 @@ def test_object_tokens_carry_the_attribute_heads_reading(world_tokenizer, micro_
     assert not mask.all()  # the two scenes' box counts differ: one is padded
     # built at the scale trained object tokens reach (norm ~sqrt(hidden)), not at the usual 0.02
     hidden = model.config.text().hidden_size
-    column_norms = model.attribute_embedding.weight.norm(dim=0)
+    column_norms = model.attribute_embedding.weight.detach().norm(dim=0)
     assert 0.7 * hidden**0.5 < float(column_norms.mean()) < 1.3 * hidden**0.5
 
     def tokens():
@@ -307,6 +308,70 @@ def test_object_tokens_carry_the_attribute_heads_reading(world_tokenizer, micro_
     out.loss.backward()
     assert model.attribute_embedding.weight.grad is not None and model.attribute_embedding.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.attribute_heads.parameters())
+
+
+def test_holding_targets_and_heads(world_tokenizer, micro_config):
+    """A person's box is taught what it holds (none or the item, and the item's colour); every other box
+    holds nothing; a box of no object is unknown throughout."""
+    scene = next(s for s in (generate_scene(seed, WORLD) for seed in range(50)) if s.of_kind("item"))
+    item = scene.of_kind("item")[0]
+    holder = scene.get(item.held_by)
+    free = [p for p in scene.of_kind("person") if p.holding is None]
+    assert attribute_targets(scene, holder.id)[4:] == [1 + ITEMS.index(item.category), list(COLORS).index(item.color)]
+    assert attribute_targets(scene, item.id)[4:] == [0, -100]
+    assert all(attribute_targets(scene, p.id)[4:] == [0, -100] for p in free)
+    assert attribute_targets(scene, None) == [-100] * ATTRIBUTE_TARGETS
+
+    with_heads = _model(micro_config, holding_attributes=True, attribute_embedding=True)
+    assert list(with_heads.attribute_heads) == [*ATTRIBUTES, *HOLDING_ATTRIBUTES]
+    assert with_heads.attribute_embedding.in_features == sum(ATTRIBUTES.values()) + sum(HOLDING_ATTRIBUTES.values())
+    proc = PerceiverProcessor(world_tokenizer, with_heads.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1, 2, 3])
+    assert batch["attribute_labels"].shape[-1] == ATTRIBUTE_TARGETS
+    out = with_heads(**batch)
+    assert torch.isfinite(out.losses["attributes"])
+    # they learn from the RoI grid without moving it: the object encoder keeps its capacity for categories
+    visual = with_heads.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+    n_base = sum(ATTRIBUTES.values())
+    held = visual["attribute_logits"][..., n_base : n_base + HOLDING_ATTRIBUTES["held_item"]]
+    target = batch["attribute_labels"][..., 4]
+    torch.nn.functional.cross_entropy(held[target >= 0], target[target >= 0]).backward()
+    assert with_heads.attribute_heads["held_item"].weight.grad.abs().sum() > 0
+    encoder = [with_heads.roi_proj.weight, *with_heads.convnext.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in encoder)
+    # a model built without them reads the first four columns of the same batch
+    without = _model(micro_config)
+    assert list(without.attribute_heads) == list(ATTRIBUTES)
+    assert torch.isfinite(without(**batch).losses["attributes"])
+
+
+def test_object_tokens_carry_their_box_coordinates(world_tokenizer, micro_config):
+    assert torch.allclose(box_coordinates(torch.tensor([0.0, 0.0, 1.0, 1.0])), torch.tensor([0.0, 0.0, 2.0, 2.0]))
+    assert torch.allclose(box_coordinates(torch.tensor([0.25, 0.5, 0.75, 1.0])), torch.tensor([0.0, 0.5, 1.0, 1.0]))
+    model = _model(micro_config, coordinate_embedding=True).eval()
+    # at the tokens' scale, like the attribute embedding: one box's move across the image is heard
+    hidden = model.config.text().hidden_size
+    assert 0.7 * hidden**0.5 < float(model.coordinate_embedding.weight.detach().norm(dim=0).mean()) < 1.3 * hidden**0.5
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
+    mask = batch["box_mask"]
+    assert not mask.all()
+
+    def tokens():
+        v = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+        return v["object_tokens"]
+
+    with torch.no_grad():
+        with_coordinates = tokens()
+        model.config.coordinate_embedding = False
+        without = tokens()
+        model.config.coordinate_embedding = True
+        want = model.coordinate_embedding(box_coordinates(batch["boxes"]))
+    assert torch.allclose((with_coordinates - without)[mask], want[mask], atol=1e-4)
+    assert torch.equal(with_coordinates[~mask], without[~mask])  # padding carries nothing
+    model.train()
+    model(**batch).loss.backward()
+    assert model.coordinate_embedding.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(
@@ -468,11 +533,13 @@ def test_named_configs():
     assert (real.box_tokens, real.index_token_features) == ("pair", False)
     assert (tiny.roi_pooling, real.roi_pooling) == ("flatten", "mean")
     # a config.json saved before these options existed keeps meaning what it meant
-    new_options = ("box_tokens", "index_token_features", "roi_pooling", "attribute_embedding")
+    new_options = ("box_tokens", "index_token_features", "roi_pooling", "attribute_embedding", "holding_attributes",
+                   "coordinate_embedding")  # fmt: skip
     old = PerceiverConfig(**{k: v for k, v in tiny.to_dict().items() if k not in new_options})
     assert (old.box_tokens, old.index_token_features, old.roi_pooling) == ("pair", False, "mean")
-    assert not old.attribute_embedding
-    assert tiny.attribute_embedding and not real.attribute_embedding
+    assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding)
+    assert tiny.attribute_embedding and not (tiny.holding_attributes or tiny.coordinate_embedding)
+    assert not (real.attribute_embedding or real.holding_attributes or real.coordinate_embedding)
     with pytest.raises(ValueError, match="box_tokens"):
         PerceiverConfig(box_tokens="triple")
     with pytest.raises(ValueError, match="roi_pooling"):
@@ -494,8 +561,8 @@ def test_flattened_rois_keep_the_layout_that_the_mean_averages_away(micro_config
     box = torch.tensor([[[0.25, 0.3, 0.75, 0.6]]])  # centred left-right: a mirror maps it onto itself
     mask = torch.ones(1, 1, dtype=torch.bool)
     with torch.no_grad():
-        feats, tokens = model.encode_objects(levels, rgb, box, mask)
-        mirrored, _ = model.encode_objects([lv.flip(-1) for lv in levels], rgb.flip(-1), box, mask)
+        feats, tokens, _ = model.encode_objects(levels, rgb, box, mask)
+        mirrored, _, _ = model.encode_objects([lv.flip(-1) for lv in levels], rgb.flip(-1), box, mask)
     assert tokens.shape == (1, 1, model.config.text().hidden_size)
     if roi_pooling == "mean":  # the same cells in another order: the same mean
         assert torch.allclose(feats, mirrored, atol=1e-5)

@@ -30,7 +30,7 @@ from transformers import CLIPVisionModel, ConvNextModel, PreTrainedModel, Qwen2F
 from transformers.masking_utils import create_causal_mask
 
 from perceive.boxes import multi_level_roi_align, roi_align
-from perceive.models.configuration_perceiver import ATTRIBUTES, PerceiverConfig
+from perceive.models.configuration_perceiver import HOLDING_ATTRIBUTES, PerceiverConfig
 
 
 def box_position_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -43,6 +43,12 @@ def box_position_embedding(boxes: torch.Tensor, dim: int, temperature: float = 1
     freqs = temperature ** (torch.arange(n_freq, dtype=boxes.dtype, device=boxes.device) / n_freq)
     angles = coords[..., None] * 2 * math.pi / freqs  # [..., 4, F]
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def box_coordinates(boxes: torch.Tensor) -> torch.Tensor:
+    """Normalised xyxy boxes as (cx, cy, w, h) scaled to about [-1, 1]: ``[..., 4] -> [..., 4]``."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([x0 + x1 - 1, y0 + y1 - 1, 2 * (x1 - x0), 2 * (y1 - y0)], dim=-1)
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -66,7 +72,9 @@ class PerceiverPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
-        if module is getattr(self, "attribute_embedding", None):
+        if isinstance(module, nn.Linear) and any(
+            module is getattr(self, name, None) for name in ("attribute_embedding", "coordinate_embedding")
+        ):
             # at the scale object tokens grow to (norm ~sqrt(hidden)): at 0.02 the heads' reading stayed a
             # whisper beside the features, and a full tiny run did not learn to hear it
             nn.init.normal_(module.weight, std=1.0)
@@ -97,9 +105,14 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         self.roi_proj = nn.Linear(roi_in, config.object_dim)
         self.position_proj = nn.Linear(config.position_dim, config.object_dim)
         self.object_projector = _mlp(config.object_dim, hidden)
-        self.attribute_heads = nn.ModuleDict({k: nn.Linear(config.object_dim, n) for k, n in ATTRIBUTES.items()})
+        attributes = config.attribute_classes()
+        self.attribute_heads = nn.ModuleDict(
+            {k: nn.Linear(roi_in if k in HOLDING_ATTRIBUTES else config.object_dim, n) for k, n in attributes.items()}
+        )
         if config.attribute_embedding:
-            self.attribute_embedding = nn.Linear(sum(ATTRIBUTES.values()), hidden)
+            self.attribute_embedding = nn.Linear(sum(attributes.values()), hidden)
+        if config.coordinate_embedding:
+            self.coordinate_embedding = nn.Linear(4, hidden)
         if config.index_head == "pointer":
             self.pointer_query = nn.Linear(hidden, hidden)
             self.pointer_key = nn.Linear(hidden, hidden)
@@ -119,9 +132,10 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
 
     def encode_objects(
         self, levels: list[torch.Tensor], rgb_high: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Object features ``[B, K, object_dim]`` and object tokens ``[B, K, H]`` from normalised xyxy
-        ``boxes`` ``[B, K, 4]`` (padding where ``box_mask`` is False)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Object features ``[B, K, object_dim]``, object tokens ``[B, K, H]`` and the attribute heads'
+        logits side by side ``[B, K, sum of classes]`` from normalised xyxy ``boxes`` ``[B, K, 4]``
+        (padding where ``box_mask`` is False)."""
         b, k, _ = boxes.shape
         size = self.config.high_resolution
         flat = boxes.reshape(-1, 4) * size
@@ -136,12 +150,18 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             box_position_embedding(boxes.reshape(-1, 4), self.config.position_dim)
         )
         obj = obj.reshape(b, k, -1) * box_mask[..., None]
+        # the holding heads read the RoI grid, detached: sharing the object features, they cost the
+        # category head a sixth of its circles and hexagons
+        grid_feats = feats.detach().reshape(b, k, -1)
+        heads = [head(grid_feats if name in HOLDING_ATTRIBUTES else obj) for name, head in self.attribute_heads.items()]
         tokens = self.object_projector(obj)
         if self.config.attribute_embedding:
-            with torch.no_grad():  # the heads' own reading, as given: the attribute loss alone decides what it says
-                probs = torch.cat([head(obj).softmax(dim=-1) for head in self.attribute_heads.values()], dim=-1)
+            # the heads' own reading, as given: the attribute loss alone decides what it says
+            probs = torch.cat([v.detach().softmax(dim=-1) for v in heads], dim=-1)
             tokens = tokens + self.attribute_embedding(probs) * box_mask[..., None]
-        return obj, tokens
+        if self.config.coordinate_embedding:
+            tokens = tokens + self.coordinate_embedding(box_coordinates(boxes)) * box_mask[..., None]
+        return obj, tokens, torch.cat(heads, dim=-1)
 
     def embed(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor
@@ -278,8 +298,9 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
     ) -> dict[str, torch.Tensor]:
         """Everything the language model needs from the pixels; reusable across questions on one image."""
         image_tokens, levels = self.encode_image(pixel_low, pixel_high)
-        obj_feats, obj_tokens = self.encode_objects(levels, rgb_high, boxes, box_mask)
-        return {"image_tokens": image_tokens, "object_features": obj_feats, "object_tokens": obj_tokens}
+        obj_feats, obj_tokens, attribute_logits = self.encode_objects(levels, rgb_high, boxes, box_mask)
+        return {"image_tokens": image_tokens, "object_features": obj_feats, "object_tokens": obj_tokens,
+                "attribute_logits": attribute_logits}  # fmt: skip
 
     def forward(
         self,
@@ -305,7 +326,6 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             if pixel_low is None or pixel_high is None or rgb_high is None:
                 raise ValueError("forward needs the pixel tensors or precomputed visual tokens")
             visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes, box_mask)
-        obj_feats = visual["object_features"]
         embeds = self.embed(input_ids, visual["image_tokens"], visual["object_tokens"], box_mask)
         mask = self._attention(input_ids, attention_mask, embeds, position_ids)
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
@@ -321,7 +341,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             if group_positions is not None and group_members is not None and self.config.match_loss_weight > 0:
                 losses["match"] = self._match_loss(logits, group_positions, group_members, box_mask)
             if attribute_labels is not None and self.config.attribute_loss_weight > 0:
-                losses["attributes"] = self._attribute_loss(obj_feats, attribute_labels)
+                losses["attributes"] = self._attribute_loss(visual["attribute_logits"], attribute_labels)
         loss = None
         if losses:
             loss = (
@@ -379,10 +399,11 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         bce = F.binary_cross_entropy_with_logits(obj_logits.masked_fill(~mask, 0.0), target, reduction="none")
         return (bce * mask).sum() / mask.sum().clamp(min=1)
 
-    def _attribute_loss(self, obj_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total = obj_feats.sum() * 0
-        for i, head in enumerate(self.attribute_heads.values()):
+    def _attribute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = logits.sum() * 0
+        heads = logits.split(list(self.config.attribute_classes().values()), dim=-1)
+        for i, head_logits in enumerate(heads):
             target = labels[..., i]
             if (target >= 0).any():
-                total = total + F.cross_entropy(head(obj_feats[target >= 0]), target[target >= 0])
-        return total / len(self.attribute_heads)
+                total = total + F.cross_entropy(head_logits[target >= 0], target[target >= 0])
+        return total / len(heads)

@@ -21,26 +21,32 @@ from perceive.data.tasks import TASKS, make_qa
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import describe
-from perceive.world.scene import CATEGORY_IDS, COLORS, PATTERNS, SIZES, Scene
+from perceive.world.scene import CATEGORY_IDS, COLORS, ITEMS, PATTERNS, SIZES, Scene
 
 DEFAULT_TASK_WEIGHTS = {
     "detect": 2.0, "refer": 4.0, "region_category": 1.5, "region_phrase": 1.0, "region_brief": 0.5,
     "region_sentence": 0.5, "count": 1.5, "caption_brief": 0.5, "caption_detailed": 0.25, "region_qa": 1.0,
 }  # fmt: skip
 COLOR_NAMES = list(COLORS)
+ATTRIBUTE_TARGETS = 6  # columns of attribute_targets(); a model with fewer heads reads the first ones
 
 
 def attribute_targets(scene: Scene, obj_id: int | None) -> list[int]:
-    """(category, colour, pattern, size) class indices of a box's object; -100 where unknown."""
+    """(category, colour, pattern, size, held item, held item's colour) class indices of a box's object,
+    the order of ``PerceiverConfig.attribute_classes()``; -100 where unknown. What is not a person holds
+    nothing (class 0), so the held-item head learns to say so of a held cup's own box."""
     if obj_id is None:
-        return [-100] * 4
+        return [-100] * ATTRIBUTE_TARGETS
     o = scene.get(obj_id)
     color = o.shirt if o.kind == "person" else o.color
+    held = scene.get(o.holding) if o.holding is not None else None
     return [
         CATEGORY_IDS[o.category] - 1,
         COLOR_NAMES.index(color) if color else -100,
         PATTERNS.index(o.pattern) if o.pattern else -100,
         SIZES.index(o.size) if o.size else -100,
+        1 + ITEMS.index(held.category) if held is not None else 0,
+        COLOR_NAMES.index(held.color) if held is not None and held.color else -100,
     ]
 
 
@@ -139,7 +145,7 @@ class WorldTasks:
         pixels, _ = self.processor.images([it.image for it in items])
         batch = self.processor.collate([it.example for it in items], [it.boxes for it in items])
         k = batch["boxes"].shape[1]
-        attrs = torch.full((len(items), k, 4), -100, dtype=torch.long)
+        attrs = torch.full((len(items), k, ATTRIBUTE_TARGETS), -100, dtype=torch.long)
         for i, it in enumerate(items):
             if it.attributes:
                 attrs[i, : len(it.attributes)] = torch.tensor(it.attributes)
