@@ -28,7 +28,7 @@ from perceive.tokenization import detokenize, load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 _GROUNDING = re.compile("^" + re.escape(TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
-ANSWER_INPUTS = ("image_tokens", "object_features", "object_tokens")  # what answering reads of an image's encoding
+ANSWER_INPUTS = ("image_tokens", "object_tokens")  # what answering reads of an image's encoding
 
 
 def grounding_phrases(question: str) -> list[str] | None:
