@@ -18,6 +18,7 @@ import torch
 
 from perceive.boxes import box_iou, match_one_to_one
 from perceive.data.tasks import TASKS, make_qa
+from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import describe
@@ -28,7 +29,8 @@ DEFAULT_TASK_WEIGHTS = {
     "region_sentence": 0.5, "count": 1.5, "caption_brief": 0.5, "caption_detailed": 0.25, "region_qa": 1.0,
 }  # fmt: skip
 COLOR_NAMES = list(COLORS)
-ATTRIBUTE_TARGETS = 6  # columns of attribute_targets(); a model with fewer heads reads the first ones
+# columns of attribute_targets(), every head a model can have; a model with fewer heads reads the first ones
+ATTRIBUTE_TARGETS = len(ATTRIBUTES) + len(HOLDING_ATTRIBUTES)
 
 
 def attribute_targets(scene: Scene, obj_id: int | None) -> list[int]:
