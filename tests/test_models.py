@@ -220,6 +220,31 @@ def test_training_boxes_stand_proposals_for_objects_and_keep_duplicates_only_whe
     assert (tuple(np.float32(duplicate).tolist()) in distractors) == near_duplicates
 
 
+def test_refer_weights_draw_a_kind_of_expression_more_often(world_tokenizer, micro_config):
+    proc = PerceiverProcessor(world_tokenizer, micro_config)
+
+    def kinds(refer_weights):
+        data = WorldTasks(proc, WORLD, seed=3, refer_weights=refer_weights)
+        drawn = [k for i in range(300) for k in data.item(i, task="refer").qa.meta["sub_domains"]]
+        return drawn.count("negation") / len(drawn)
+
+    uniform, weighted = kinds(None), kinds({"reasoning/negation": 4.0, "property/attribute": 0.5})
+    assert weighted > 1.5 * uniform > 0
+    with pytest.raises(ValueError, match="unknown expression kinds"):
+        WorldTasks(proc, WORLD, refer_weights={"position/leftmost": 2.0})
+    with pytest.raises(ValueError, match="positive"):
+        WorldTasks(proc, WORLD, refer_weights={"position/extreme": 0.0})
+
+
+@pytest.mark.parametrize("most", [1, 6])
+def test_refer_expressions_bounds_the_expressions_of_a_query(world_tokenizer, micro_config, most):
+    data = WorldTasks(PerceiverProcessor(world_tokenizer, micro_config), WORLD, seed=3, refer_expressions=most)
+    sizes = [len(data.item(i, task="refer").qa.phrases) for i in range(60)]
+    assert max(sizes) == most and min(sizes) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        WorldTasks(PerceiverProcessor(world_tokenizer, micro_config), WORLD, refer_expressions=0)
+
+
 def test_image_frame_round_trip():
     f = ImageFrame(200, 100)
     boxes = np.array([[10, 20, 150, 90]])

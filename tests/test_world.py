@@ -8,7 +8,7 @@ import torch
 from perceive.boxes import masks_to_boxes
 from perceive.world import checker
 from perceive.world.generator import WorldConfig, generate_scene
-from perceive.world.language import describe, evaluate
+from perceive.world.language import EXPRESSION_KINDS, describe, evaluate
 from perceive.world.scene import KEYPOINTS, SHAPES
 
 CFG = WorldConfig(size=128, person_share=0.4, relation_depth=2)
@@ -79,13 +79,14 @@ def test_depth_agrees_with_occlusion():
 
 
 def test_checker_agrees_with_generator_on_a_large_sample():
-    counts, multi, total = collections.Counter(), 0, 0
+    counts, kinds, multi, total = collections.Counter(), set(), 0, 0
     for seed in range(250):
         s = generate_scene(seed, CFG)
         lang = describe(s, CFG)
         for e in lang.expressions:
             total += 1
             counts[e.domain] += 1
+            kinds.add(e.kind)
             assert checker.answer(s, e.text) == e.answer, (seed, e.text)
             if e.domain == "rejection":
                 assert e.answer == []
@@ -98,6 +99,7 @@ def test_checker_agrees_with_generator_on_a_large_sample():
             if r.referring is not None:
                 assert checker.answer(s, r.referring) == [r.object], (seed, r.referring)
     assert set(counts) == {"property", "position", "interaction", "reasoning", "rejection"}
+    assert kinds == set(EXPRESSION_KINDS)
     assert multi > 0.1 * total
 
 

@@ -78,12 +78,26 @@ def detect(scene: Scene, box_objects: list[int | None], rng: random.Random) -> Q
 
 
 def refer(
-    scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng: random.Random, max_expressions: int = 3
+    scene: Scene,
+    lang: SceneLanguage,
+    box_objects: list[int | None],
+    rng: random.Random,
+    max_expressions: int = 3,
+    kind_weights: dict[str, float] | None = None,
 ) -> QA | None:
-    """Referring (single- and multi-instance, rejections included), one to three expressions a query."""
+    """Referring (single- and multi-instance, rejections included), one to ``max_expressions``
+    expressions a query.
+
+    ``kind_weights`` (``"domain/sub_domain"`` -> weight, 1 where absent) makes an expression of a
+    scene that many times as likely to be drawn; None draws them uniformly."""
     if not lang.expressions:
         return None
-    exprs = rng.sample(lang.expressions, min(len(lang.expressions), rng.randint(1, max_expressions)))
+    n = min(len(lang.expressions), rng.randint(1, max_expressions))
+    if kind_weights is None:
+        exprs = rng.sample(lang.expressions, n)
+    else:  # weighted draw without replacement (Efraimidis & Spirakis): the n largest u ** (1 / w)
+        keys = [rng.random() ** (1.0 / kind_weights.get(e.kind, 1.0)) for e in lang.expressions]
+        exprs = [lang.expressions[i] for i in sorted(range(len(keys)), key=lambda i: -keys[i])[:n]]
     phrases = [e.text for e in exprs]
     groups = [_indices(box_objects, e.answer) for e in exprs]
     answer = chatrex.render_groups(zip(phrases, groups, strict=True))
@@ -157,13 +171,20 @@ def region_qa(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], 
 
 
 def make_qa(
-    task: str, scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng: random.Random
+    task: str,
+    scene: Scene,
+    lang: SceneLanguage,
+    box_objects: list[int | None],
+    rng: random.Random,
+    refer_weights: dict[str, float] | None = None,
+    refer_expressions: int = 3,
 ) -> QA | None:
-    """One question/answer pair of ``task``, or None when the scene cannot pose it."""
+    """One question/answer pair of ``task``, or None when the scene cannot pose it (``refer_weights``
+    and ``refer_expressions``: ``refer``'s ``kind_weights`` and ``max_expressions``)."""
     if task == "detect":
         return detect(scene, box_objects, rng)
     if task == "refer":
-        return refer(scene, lang, box_objects, rng)
+        return refer(scene, lang, box_objects, rng, refer_expressions, refer_weights)
     if task.startswith("region_") and task != "region_qa":
         return region_caption(scene, lang, box_objects, rng, task)
     if task == "count":

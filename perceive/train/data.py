@@ -21,7 +21,7 @@ from perceive.data.tasks import TASKS, make_qa
 from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
-from perceive.world.language import describe
+from perceive.world.language import EXPRESSION_KINDS, describe
 from perceive.world.scene import CATEGORY_IDS, COLORS, ITEMS, PATTERNS, SIZES, Scene
 
 DEFAULT_TASK_WEIGHTS = {
@@ -73,6 +73,8 @@ class WorldTasks:
         upn=None,
         answer_format: str = "indices",
         near_duplicates: bool = False,
+        refer_weights: dict[str, float] | None = None,
+        refer_expressions: int = 3,
     ) -> None:
         self.processor = processor
         self.world = world
@@ -90,6 +92,16 @@ class WorldTasks:
             raise ValueError("the coordinate format is for detection and referring tasks only")
         self.answer_format = answer_format
         self.near_duplicates = near_duplicates
+        if refer_weights is not None:
+            unknown = set(refer_weights) - set(EXPRESSION_KINDS)
+            if unknown:
+                raise ValueError(f"unknown expression kinds {sorted(unknown)}; known: {EXPRESSION_KINDS}")
+            if not all(w > 0 for w in refer_weights.values()):
+                raise ValueError(f"refer_weights must be positive, got {refer_weights}")
+        self.refer_weights = refer_weights
+        if refer_expressions < 1:
+            raise ValueError(f"refer_expressions must be at least 1, got {refer_expressions}")
+        self.refer_expressions = refer_expressions
 
     def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:
         gt = np.array([o.box for o in scene.objects], dtype=np.float32)
@@ -123,7 +135,7 @@ class WorldTasks:
         boxes, box_objects = self.boxes_for(scene, rng, proposals)
         for _ in range(10):
             name = task or rng.choices(self.tasks, self.weights)[0]
-            qa = make_qa(name, scene, lang, box_objects, rng)
+            qa = make_qa(name, scene, lang, box_objects, rng, self.refer_weights, self.refer_expressions)
             if qa is not None:
                 break
         else:  # pragma: no cover - "detect" always works

@@ -62,6 +62,10 @@ class Recipe:
     world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
     upn_proposals: bool = True
     near_duplicates: bool = False  # also a second proposal of an object as a distractor (``WorldTasks``)
+    # how much likelier each kind of referring expression is drawn ("domain/sub_domain" -> weight, 1 where
+    # absent; None: uniformly, ``perceive.data.tasks.refer``)
+    refer_weights: dict[str, float] | None = None
+    refer_expressions: int = 3  # at most this many expressions in one referring query
     checkpoint_every: int = 100
     seed: int = 0
     # the MLLM's initialisation and data order when they should differ from the UPN's (None: ``seed``)
@@ -326,7 +330,8 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stages[0].lr, weight_decay=0.01)
     starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     streams = [WorldTasks(processor, world, seed=seed + 1 + i, task_weights=s.tasks,
-                          upn=upn if recipe.upn_proposals else None, near_duplicates=recipe.near_duplicates)
+                          upn=upn if recipe.upn_proposals else None, near_duplicates=recipe.near_duplicates,
+                          refer_weights=recipe.refer_weights, refer_expressions=recipe.refer_expressions)
                for i, s in enumerate(recipe.stages)]  # fmt: skip
     b = recipe.batch_size
     current = {"trainable": ""}

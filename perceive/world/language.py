@@ -34,6 +34,14 @@ SEPARATION = 0.04  # of the image size, between centres in orderings
 NEXT_TO_GAP = 0.10  # of the image size
 SUPERLATIVE_RATIO = 1.2
 NOUN_COLORS = tuple(c for c in COLORS if c != "black")
+# every "domain/sub_domain" an expression can have (``Expression.kind``)
+EXPRESSION_KINDS = (
+    "property/attribute", "property/category", "property/clothing",
+    "position/extreme", "position/ordinal", "position/relation",
+    "interaction/holding", "interaction/held_by", "interaction/next_to",
+    "reasoning/negation", "reasoning/superlative", "reasoning/conjunction", "reasoning/union",
+    "rejection/property", "rejection/interaction",
+)  # fmt: skip
 
 
 def article(word: str) -> str:
@@ -239,6 +247,11 @@ class Expression:
     sub_domain: str
     answer: list[int]
     program: dict
+
+    @property
+    def kind(self) -> str:
+        """``"domain/sub_domain"``, as the benchmark reports it."""
+        return f"{self.domain}/{self.sub_domain}"
 
     def to_json(self) -> dict:
         return asdict(self)
