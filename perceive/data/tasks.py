@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from perceive.formats import chatrex
-from perceive.world.language import SceneLanguage
+from perceive.world.language import EXPRESSION_KINDS, SceneLanguage
 from perceive.world.scene import ITEMS, PARTS, SHAPES, Scene
 
 TEMPLATES = {
@@ -75,6 +75,18 @@ def detect(scene: Scene, box_objects: list[int | None], rng: random.Random) -> Q
     groups = [_indices(box_objects, [o.id for o in scene.objects if o.category == n]) for n in names]
     answer = chatrex.render_groups(zip(names, groups, strict=True))
     return QA("detect", TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(names)), answer, groups, names)
+
+
+def check_refer_options(kind_weights: dict[str, float] | None, max_expressions: int) -> None:
+    """Refuse what ``refer`` could not draw by: unknown kinds, weights <= 0, fewer than one expression."""
+    if kind_weights is not None:
+        unknown = set(kind_weights) - set(EXPRESSION_KINDS)
+        if unknown:
+            raise ValueError(f"unknown expression kinds {sorted(unknown)}; known: {EXPRESSION_KINDS}")
+        if not all(w > 0 for w in kind_weights.values()):
+            raise ValueError(f"refer_weights must be positive, got {kind_weights}")
+    if max_expressions < 1:
+        raise ValueError(f"refer_expressions must be at least 1, got {max_expressions}")
 
 
 def refer(

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from perceive.boxes import box_iou, match_one_to_one
-from perceive.data.tasks import TASKS, make_qa
+from perceive.data.tasks import TASKS, check_refer_options, make_qa
 from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
-from perceive.world.language import EXPRESSION_KINDS, describe
+from perceive.world.language import describe
 from perceive.world.scene import CATEGORY_IDS, COLORS, ITEMS, PATTERNS, SIZES, Scene
 
 DEFAULT_TASK_WEIGHTS = {
@@ -92,15 +92,8 @@ class WorldTasks:
             raise ValueError("the coordinate format is for detection and referring tasks only")
         self.answer_format = answer_format
         self.near_duplicates = near_duplicates
-        if refer_weights is not None:
-            unknown = set(refer_weights) - set(EXPRESSION_KINDS)
-            if unknown:
-                raise ValueError(f"unknown expression kinds {sorted(unknown)}; known: {EXPRESSION_KINDS}")
-            if not all(w > 0 for w in refer_weights.values()):
-                raise ValueError(f"refer_weights must be positive, got {refer_weights}")
+        check_refer_options(refer_weights, refer_expressions)
         self.refer_weights = refer_weights
-        if refer_expressions < 1:
-            raise ValueError(f"refer_expressions must be at least 1, got {refer_expressions}")
         self.refer_expressions = refer_expressions
 
     def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:

@@ -26,6 +26,7 @@ from typing import cast
 import torch
 import torch.distributed as dist
 
+from perceive.data.tasks import check_refer_options
 from perceive.models.configuration_perceiver import PerceiverConfig, named_config
 from perceive.models.modeling_perceiver import PerceiverForRetrieval
 from perceive.models.modeling_upn import UpnModel, normalize_image
@@ -74,6 +75,9 @@ class Recipe:
     # the MLLM's matmuls: "bf16" (autocast, weights and optimizer stay float32) or "fp32"; the UPN's box
     # regression always trains in float32. A CPU without bf16 instructions falls back to fp32.
     precision: str = "fp32"
+
+    def __post_init__(self) -> None:  # a typo in the referring options fails now, not after the UPN's minutes
+        check_refer_options(self.refer_weights, self.refer_expressions)
 
     @property
     def total_steps(self) -> int:
