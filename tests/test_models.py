@@ -245,6 +245,46 @@ def test_refer_expressions_bounds_the_expressions_of_a_query(world_tokenizer, mi
         WorldTasks(PerceiverProcessor(world_tokenizer, micro_config), WORLD, refer_expressions=0)
 
 
+def test_questions_per_scene_ask_several_questions_of_one_scene_and_its_boxes(world_tokenizer, micro_config):
+    proc = PerceiverProcessor(world_tokenizer, micro_config)
+    shared = WorldTasks(proc, WORLD, seed=3, questions_per_scene=3)
+    batch, items = shared.batch(list(range(6)))
+    assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1] and batch["pixel_low"].shape[0] == 2
+    assert items[0].scene.seed == items[2].scene.seed != items[3].scene.seed
+    assert all(np.array_equal(items[0].boxes, it.boxes) and items[0].box_objects == it.box_objects for it in items[:3])
+    assert len({it.qa.question for it in items[:3]}) == 3  # a question each, drawn apart
+    # one question a scene is the stream as it was: item i asks about scene i, and no image_index
+    single = WorldTasks(proc, WORLD, seed=3)
+    batch1, items1 = single.batch([0, 1])
+    assert "image_index" not in batch1 and batch1["pixel_low"].shape[0] == 2
+    assert items1[1].scene.seed == items[3].scene.seed  # scene 1 either way
+    assert items1[0].qa.question == items[0].qa.question  # the first question on a scene is the same draw
+    with pytest.raises(ValueError, match="at least 1"):
+        WorldTasks(proc, WORLD, questions_per_scene=0)
+
+
+def test_prompts_sharing_an_image_encode_it_once_with_the_same_result(world_tokenizer, micro_config):
+    """``image_index`` gives the losses and gradients of the same batch with each image repeated."""
+    model = _model(micro_config)
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1, questions_per_scene=2).batch([0, 1, 2, 3])
+    index = batch.pop("image_index")
+    shared = model(**batch, image_index=index)
+    shared.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    repeated = model(**{**batch, **{k: batch[k][index] for k in ("pixel_low", "pixel_high", "rgb_high")}})
+    repeated.loss.backward()
+    assert torch.allclose(shared.loss, repeated.loss, atol=1e-6)
+    assert all(torch.allclose(grads[n], p.grad, atol=1e-6) for n, p in model.named_parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="each of the 4 prompts"):
+        model(**batch, image_index=torch.tensor([0, 0, 1, 2]))
+    with pytest.raises(ValueError, match="no prompt reads"):
+        model(**batch, image_index=torch.tensor([0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="same order"):
+        model(**batch, image_index=torch.tensor([0, 1, 0, 1]))  # prompts of two scenes on one image
+
+
 def test_image_frame_round_trip():
     f = ImageFrame(200, 100)
     boxes = np.array([[10, 20, 150, 90]])

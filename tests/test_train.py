@@ -2,6 +2,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,17 @@ def test_mllm_seed_changes_the_mllm_and_not_the_upn(smoke_run, tmp_path):
     for weights, equal in (("upn/model.safetensors", True), ("model.safetensors", False)):
         a, b = load_file(str(smoke_run / "model" / weights)), load_file(str(out / "model" / weights))
         assert all(torch.equal(a[k], b[k]) for k in a) == equal, weights
+
+
+def test_a_recipe_asking_several_questions_a_scene_trains(smoke_run, tmp_path):
+    out = tmp_path / "shared"
+    shutil.copytree(smoke_run / "upn", out / "upn")  # the same UPN: only the MLLM phase runs
+    train(dataclasses.replace(RECIPES["smoke"], questions_per_scene=2), out, progress=False)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in rows)
+    assert (out / "model" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="divide batch_size"):
+        dataclasses.replace(RECIPES["smoke"], questions_per_scene=3)  # batch 4
 
 
 def test_bf16_recipe_trains_and_falls_back_to_float32_without_bf16(tmp_path, monkeypatch):

@@ -295,12 +295,38 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         rgb_high: torch.Tensor,
         boxes: torch.Tensor,
         box_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Everything the language model needs from the pixels; reusable across questions on one image."""
+        """Everything the language model needs from the pixels; reusable across questions on one image.
+
+        With ``image_index`` prompts share images: prompt i reads pixel row ``image_index[i]``, prompts
+        on one image give its boxes in the same order, and each image is encoded once."""
+        if image_index is not None:
+            first = self._first_prompts(image_index, pixel_low.shape[0], boxes, box_mask)
+            visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes[first], box_mask[first])
+            return {k: v[image_index] for k, v in visual.items()}
         image_tokens, levels = self.encode_image(pixel_low, pixel_high)
         obj_feats, obj_tokens, attribute_logits = self.encode_objects(levels, rgb_high, boxes, box_mask)
         return {"image_tokens": image_tokens, "object_features": obj_feats, "object_tokens": obj_tokens,
                 "attribute_logits": attribute_logits}  # fmt: skip
+
+    @staticmethod
+    def _first_prompts(
+        image_index: torch.Tensor, images: int, boxes: torch.Tensor, box_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[images]``: the first prompt on each image, after checking that ``image_index`` is sound."""
+        b = boxes.shape[0]
+        if image_index.shape != (b,) or int(image_index.min()) < 0 or int(image_index.max()) >= images:
+            raise ValueError(f"image_index must give each of the {b} prompts a row of the {images} images")
+        dev = image_index.device
+        first = torch.full((images,), b, dtype=torch.long, device=dev).scatter_reduce(
+            0, image_index, torch.arange(b, device=dev), reduce="amin", include_self=True
+        )
+        if int(first.max()) == b:
+            raise ValueError("image_index leaves an image that no prompt reads")
+        if not (torch.equal(boxes, boxes[first][image_index]) and torch.equal(box_mask, box_mask[first][image_index])):
+            raise ValueError("prompts on one image must give its boxes in the same order")
+        return first
 
     def forward(
         self,
@@ -321,11 +347,14 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         attribute_labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> PerceiverOutput:
+        """``image_index``: the pixel row each prompt asks about, when prompts share images (None: one
+        image a prompt)."""
         if visual is None:
             if pixel_low is None or pixel_high is None or rgb_high is None:
                 raise ValueError("forward needs the pixel tensors or precomputed visual tokens")
-            visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes, box_mask)
+            visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes, box_mask, image_index)
         embeds = self.embed(input_ids, visual["image_tokens"], visual["object_tokens"], box_mask)
         mask = self._attention(input_ids, attention_mask, embeds, position_ids)
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,

@@ -6,6 +6,10 @@ that proposal (what the model sees at inference), the others keep their true box
 proposals are distractors: those that cover no object, and with ``near_duplicates`` also a second
 proposal of an object already represented (at inference such duplicates are in the list, and
 naming both counts one as a false positive).
+
+With ``questions_per_scene`` k > 1, items ``k*s .. k*s + k - 1`` ask k questions about scene s over
+the same shuffled boxes, and a batch encodes each scene once (``image_index``): the scene, its
+language, its proposals and the vision encoders cost a k-th as much per question.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from perceive.data.tasks import TASKS, check_refer_options, make_qa
 from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
-from perceive.world.language import describe
+from perceive.world.language import SceneLanguage, describe
 from perceive.world.scene import CATEGORY_IDS, COLORS, ITEMS, PATTERNS, SIZES, Scene
 
 DEFAULT_TASK_WEIGHTS = {
@@ -75,6 +79,7 @@ class WorldTasks:
         near_duplicates: bool = False,
         refer_weights: dict[str, float] | None = None,
         refer_expressions: int = 3,
+        questions_per_scene: int = 1,
     ) -> None:
         self.processor = processor
         self.world = world
@@ -95,6 +100,9 @@ class WorldTasks:
         check_refer_options(refer_weights, refer_expressions)
         self.refer_weights = refer_weights
         self.refer_expressions = refer_expressions
+        if questions_per_scene < 1:
+            raise ValueError(f"questions_per_scene must be at least 1, got {questions_per_scene}")
+        self.questions_per_scene = questions_per_scene
 
     def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:
         gt = np.array([o.box for o in scene.objects], dtype=np.float32)
@@ -116,16 +124,30 @@ class WorldTasks:
         rng.shuffle(order)
         return boxes[order], [ids[k] for k in order]
 
-    def scene(self, index: int) -> Scene:
-        return generate_scene(self.seed * 1_000_003 + index, self.world)
+    def scene_index(self, index: int) -> int:
+        """The scene that item ``index`` asks about."""
+        return index // self.questions_per_scene
+
+    def scene(self, scene_index: int) -> Scene:
+        return generate_scene(self.seed * 1_000_003 + scene_index, self.world)
 
     def item(
-        self, index: int, task: str | None = None, proposals: np.ndarray | None = None, scene: Scene | None = None
+        self,
+        index: int,
+        task: str | None = None,
+        proposals: np.ndarray | None = None,
+        scene: Scene | None = None,
+        language: SceneLanguage | None = None,
     ) -> Item:
-        rng = random.Random(self.seed * 1_000_003 + index)
-        scene = scene if scene is not None else self.scene(index)
-        lang = describe(scene, self.world)
-        boxes, box_objects = self.boxes_for(scene, rng, proposals)
+        """Item ``index``: a question on scene ``scene_index(index)`` (``scene``, ``language`` and
+        ``proposals`` when the caller has them already)."""
+        s = self.scene_index(index)
+        rng = random.Random(self.seed * 1_000_003 + s)
+        scene = scene if scene is not None else self.scene(s)
+        lang = language if language is not None else describe(scene, self.world)
+        boxes, box_objects = self.boxes_for(scene, rng, proposals)  # the same order for every question on s
+        if index % self.questions_per_scene:  # a further question on the scene: draws of its own
+            rng.seed(f"{self.seed}/{index}")
         for _ in range(10):
             name = task or rng.choices(self.tasks, self.weights)[0]
             qa = make_qa(name, scene, lang, box_objects, rng, self.refer_weights, self.refer_expressions)
@@ -144,13 +166,21 @@ class WorldTasks:
         )
 
     def batch(self, indices: list[int], task: str | None = None) -> tuple[dict, list[Item]]:
-        scenes = [self.scene(i) for i in indices]
-        proposals: list[np.ndarray | None] = [None] * len(indices)
+        """The items ``indices`` collated; with several questions on one scene, its pixels come once
+        and ``image_index`` says which row each prompt reads."""
+        scene_ids = list(dict.fromkeys(self.scene_index(i) for i in indices))
+        scenes = [self.scene(s) for s in scene_ids]
+        languages = [describe(s, self.world) for s in scenes]
+        proposals: list[np.ndarray | None] = [None] * len(scenes)
         if self.upn is not None:
             proposals = list(propose(self.upn, [s.image for s in scenes]))
-        items = [self.item(i, task, p, s) for i, p, s in zip(indices, proposals, scenes, strict=True)]
-        pixels, _ = self.processor.images([it.image for it in items])
+        row = {s: r for r, s in enumerate(scene_ids)}
+        items = [self.item(i, task, proposals[row[s]], scenes[row[s]], languages[row[s]])
+                 for i, s in ((i, self.scene_index(i)) for i in indices)]  # fmt: skip
+        pixels, _ = self.processor.images([s.image for s in scenes])
         batch = self.processor.collate([it.example for it in items], [it.boxes for it in items])
+        if len(scenes) < len(items):
+            batch["image_index"] = torch.tensor([row[self.scene_index(i)] for i in indices])
         k = batch["boxes"].shape[1]
         attrs = torch.full((len(items), k, ATTRIBUTE_TARGETS), -100, dtype=torch.long)
         for i, it in enumerate(items):

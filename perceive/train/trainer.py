@@ -67,6 +67,8 @@ class Recipe:
     # absent; None: uniformly, ``perceive.data.tasks.refer``)
     refer_weights: dict[str, float] | None = None
     refer_expressions: int = 3  # at most this many expressions in one referring query
+    # a batch of the MLLM asks this many questions of each scene, which it encodes once (``WorldTasks``)
+    questions_per_scene: int = 1
     checkpoint_every: int = 100
     seed: int = 0
     # the MLLM's initialisation and data order when they should differ from the UPN's (None: ``seed``)
@@ -78,6 +80,9 @@ class Recipe:
 
     def __post_init__(self) -> None:  # a typo in the referring options fails now, not after the UPN's minutes
         check_refer_options(self.refer_weights, self.refer_expressions)
+        if self.questions_per_scene < 1 or self.batch_size % self.questions_per_scene:
+            raise ValueError(f"questions_per_scene must divide batch_size ({self.batch_size}), "
+                             f"got {self.questions_per_scene}")  # fmt: skip
 
     @property
     def total_steps(self) -> int:
@@ -86,11 +91,14 @@ class Recipe:
 
 RECIPES = {
     # sized to the 45-minute budget on 2 cores: measured UPN 8 min at 2.5 steps/s, its box refinement 4 min at
-    # 3.4, MLLM 30-33 min at 1.33-1.43. Of two MLLM seeds on the same UPN, 1 measured better than 0 in two
-    # rounds (README, "Measured")
-    "tiny": Recipe(precision="bf16", mllm_seed=1,
-                   stages=[Stage("alignment", 200, 1e-3, "alignment", ALIGNMENT_TASKS),
-                           Stage("perception", 1750, 6e-4, "all", PERCEPTION_TASKS), Stage("joint", 650, 3e-4, "all")]),
+    # 3.4; the MLLM asks four questions of each scene, which makes a step 1.8x cheaper, and spends that on 1.8x
+    # the steps of one question a scene (2,600 steps, 30-33 min at 1.33-1.43 steps/s in bf16): in float32 on a
+    # CPU without bf16, 4,680 steps took 64 min against 68 for the 2,600. Of two MLLM seeds on the same UPN,
+    # 1 measured better than 0 in two rounds (README, "Measured")
+    "tiny": Recipe(precision="bf16", mllm_seed=1, questions_per_scene=4,
+                   stages=[Stage("alignment", 360, 1e-3, "alignment", ALIGNMENT_TASKS),
+                           Stage("perception", 3150, 6e-4, "all", PERCEPTION_TASKS),
+                           Stage("joint", 1170, 3e-4, "all")]),
     # a few steps of everything, for tests and for trying the pipeline
     "smoke": Recipe(batch_size=4, upn_steps=4, upn_batch_size=4, upn_refine_steps=4, checkpoint_every=2, warmup=1,
                     world={"size": 128, "person_share": 0.35, "max_objects": 5},
@@ -335,7 +343,8 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
     starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     streams = [WorldTasks(processor, world, seed=seed + 1 + i, task_weights=s.tasks,
                           upn=upn if recipe.upn_proposals else None, near_duplicates=recipe.near_duplicates,
-                          refer_weights=recipe.refer_weights, refer_expressions=recipe.refer_expressions)
+                          refer_weights=recipe.refer_weights, refer_expressions=recipe.refer_expressions,
+                          questions_per_scene=recipe.questions_per_scene)
                for i, s in enumerate(recipe.stages)]  # fmt: skip
     b = recipe.batch_size
     current = {"trainable": ""}
