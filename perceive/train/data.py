@@ -174,13 +174,13 @@ class WorldTasks:
         proposals: list[np.ndarray | None] = [None] * len(scenes)
         if self.upn is not None:
             proposals = list(propose(self.upn, [s.image for s in scenes]))
-        row = {s: r for r, s in enumerate(scene_ids)}
-        items = [self.item(i, task, proposals[row[s]], scenes[row[s]], languages[row[s]])
-                 for i, s in ((i, self.scene_index(i)) for i in indices)]  # fmt: skip
+        row_of = {s: r for r, s in enumerate(scene_ids)}
+        rows = [row_of[self.scene_index(i)] for i in indices]  # each item's scene, as a row of the pixels
+        items = [self.item(i, task, proposals[r], scenes[r], languages[r]) for i, r in zip(indices, rows, strict=True)]
         pixels, _ = self.processor.images([s.image for s in scenes])
         batch = self.processor.collate([it.example for it in items], [it.boxes for it in items])
         if len(scenes) < len(items):
-            batch["image_index"] = torch.tensor([row[self.scene_index(i)] for i in indices])
+            batch["image_index"] = torch.tensor(rows)
         k = batch["boxes"].shape[1]
         attrs = torch.full((len(items), k, ATTRIBUTE_TARGETS), -100, dtype=torch.long)
         for i, it in enumerate(items):
