@@ -439,6 +439,39 @@ def test_object_tokens_carry_their_box_coordinates(world_tokenizer, micro_config
     assert model.coordinate_embedding.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("relation_layers", [0, 2])
+def test_relation_layers_let_an_object_token_see_the_other_boxes(
+    tmp_path, world_tokenizer, micro_config, relation_layers
+):
+    model = _model(micro_config, relation_layers=relation_layers).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
+    visual_inputs = [batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")]
+    with torch.no_grad():
+        tokens = model.encode_visual(*visual_inputs)["object_tokens"]
+        moved = batch["boxes"].clone()
+        moved[:, 0] = torch.tensor([0.0, 0.0, 0.3, 0.3])  # only the first box of each image moves
+        visual_inputs[3] = moved
+        after = model.encode_visual(*visual_inputs)["object_tokens"]
+    others = batch["box_mask"].clone()
+    others[:, 0] = False
+    assert torch.allclose(after[others], tokens[others], atol=1e-5) == (relation_layers == 0)
+    if not relation_layers:
+        assert not hasattr(model, "object_relation")
+        return
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.object_relation.parameters())
+    model.save_pretrained(tmp_path)
+    again = PerceiverForRetrieval.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**batch).logits, again(**batch).logits
+    assert again.config.relation_layers == 2 and torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)])
+    with pytest.raises(ValueError, match="relation_layers"):
+        PerceiverConfig(relation_layers=-1)
+
+
 @pytest.mark.parametrize(
     "box_tokens, prefix_attention", [("fused", "causal"), ("pair", "causal"), ("fused", "bidirectional")]
 )

@@ -88,6 +88,16 @@ class PerceiverConfig(PretrainedConfig):
     against 35.4, the heads naming 77% of persons' items right) but counting 81.2% (84.8%); with
     the shared features and the coordinates, position expressions stayed where they were (59.6
     against 60.8 without the coordinates). README "Measured" has the runs.
+
+    ``relation_layers`` (of ``relation_heads`` heads) are transformer layers over each image's
+    object tokens before the language model reads them (``perceive.models.object_relation``): each
+    box attends to the other boxes of its image, with an attention bias per head learnt from the
+    pair's geometry (offsets, size ratios, gaps, overlap), so "the second circle from the left" or
+    "the person holding a cup" can be read off a box's own token rather than worked out at the
+    answer from tokens that each know only their own object. Two layers of eight heads, trained
+    with the tiny recipe, did not help: position expressions stayed at 62 DF1, and next-to,
+    holding and negation fell (referring DF1 70.4 against 76.6 without). The layers do not see the
+    question, and each token mixes in its neighbours. The tiny configuration leaves them off.
     """
 
     model_type = "perceive_retrieval"
@@ -115,6 +125,8 @@ class PerceiverConfig(PretrainedConfig):
         attribute_embedding: bool = False,  # the defaults of the three: checkpoints saved before them
         holding_attributes: bool = False,
         coordinate_embedding: bool = False,
+        relation_layers: int = 0,  # the default is how checkpoints saved before the option were built
+        relation_heads: int = 4,
         match_loss_weight: float = 1.0,
         attribute_loss_weight: float = 0.5,
         image_token_id: int = 0,
@@ -136,6 +148,9 @@ class PerceiverConfig(PretrainedConfig):
             raise ValueError(f"prefix_attention must be 'causal' or 'bidirectional', got {prefix_attention!r}")
         if index_softmax not in ("vocabulary", "grammar"):
             raise ValueError(f"index_softmax must be 'vocabulary' or 'grammar', got {index_softmax!r}")
+        if relation_layers < 0 or relation_heads < 1:
+            raise ValueError(f"relation_layers must be >= 0 and relation_heads >= 1, got {relation_layers} and "
+                             f"{relation_heads}")  # fmt: skip
         self.vision_config = dict(vision_config or {})
         self.convnext_config = dict(convnext_config or {})
         self.text_config = dict(text_config or {})
@@ -157,6 +172,8 @@ class PerceiverConfig(PretrainedConfig):
         self.attribute_embedding = attribute_embedding
         self.holding_attributes = holding_attributes
         self.coordinate_embedding = coordinate_embedding
+        self.relation_layers = relation_layers
+        self.relation_heads = relation_heads
         self.match_loss_weight = match_loss_weight
         self.attribute_loss_weight = attribute_loss_weight
         self.image_token_id = image_token_id

@@ -31,6 +31,7 @@ from transformers.masking_utils import create_causal_mask
 
 from perceive.boxes import multi_level_roi_align, roi_align
 from perceive.models.configuration_perceiver import HOLDING_ATTRIBUTES, PerceiverConfig
+from perceive.models.object_relation import ObjectRelationEncoder
 
 
 def box_position_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -113,6 +114,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             self.attribute_embedding = nn.Linear(sum(attributes.values()), hidden)
         if config.coordinate_embedding:
             self.coordinate_embedding = nn.Linear(4, hidden)
+        if config.relation_layers:
+            self.object_relation = ObjectRelationEncoder(hidden, config.relation_layers, config.relation_heads)
         if config.index_head == "pointer":
             self.pointer_query = nn.Linear(hidden, hidden)
             self.pointer_key = nn.Linear(hidden, hidden)
@@ -161,6 +164,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             tokens = tokens + self.attribute_embedding(probs) * box_mask[..., None]
         if self.config.coordinate_embedding:
             tokens = tokens + self.coordinate_embedding(box_coordinates(boxes)) * box_mask[..., None]
+        if self.config.relation_layers:  # last, so the relation layers read the attributes' clear directions too
+            tokens = self.object_relation(tokens, boxes, box_mask)
         return obj, tokens, torch.cat(heads, dim=-1)
 
     def embed(
