@@ -632,12 +632,14 @@ def test_named_configs():
     assert (tiny.roi_pooling, real.roi_pooling) == ("flatten", "mean")
     # a config.json saved before these options existed keeps meaning what it meant
     new_options = ("box_tokens", "index_token_features", "roi_pooling", "attribute_embedding", "holding_attributes",
-                   "coordinate_embedding")  # fmt: skip
+                   "coordinate_embedding", "relation_layers")  # fmt: skip
     old = PerceiverConfig(**{k: v for k, v in tiny.to_dict().items() if k not in new_options})
     assert (old.box_tokens, old.index_token_features, old.roi_pooling) == ("pair", False, "mean")
-    assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding)
-    assert tiny.attribute_embedding and not (tiny.holding_attributes or tiny.coordinate_embedding)
+    assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding or old.relation_layers)
+    assert tiny.attribute_embedding and tiny.holding_attributes
+    assert not (tiny.coordinate_embedding or tiny.relation_layers)
     assert not (real.attribute_embedding or real.holding_attributes or real.coordinate_embedding)
+    assert not real.relation_layers
     with pytest.raises(ValueError, match="box_tokens"):
         PerceiverConfig(box_tokens="triple")
     with pytest.raises(ValueError, match="roi_pooling"):
