@@ -81,15 +81,15 @@ class PerceiverConfig(PretrainedConfig):
     cost the category head a sixth of the circles and hexagons it named right (298 -> 257 of 370)
     and region captions fell to 91.7%. ``coordinate_embedding`` adds the box's centre and size
     (``box_coordinates``) to each object token through a linear layer at the token's scale: the
-    sine-cosine position is faint in trained tokens (moving it by a tenth of the image moved a
-    token of norm 35 by 0.06). The tiny configuration has the first, not the second. Trained with the recipe (and
-    ``attribute_loss_weight=0.75``, so each of the first four heads of six weighs what it did at 0.5
-    of four), the holding heads on the grid gave referring DF1 69.7 (68.3 without; holding 41.7
-    against 35.4, the heads naming 77% of persons' items right) but counting 81.2% (84.8%); with
-    the shared features and the coordinates, position expressions stayed where they were (59.6
-    against 60.8 without the coordinates). With four questions a scene and 1.8x the steps, the
-    heads on the grid gave DF1 79.5 against 76.6 (holding 78.5 against 44.8), counting 90.0 against
-    91.0, so the tiny configuration now has them. README "Measured" has the runs.
+    sine-cosine position is faint in trained tokens (moving it by a tenth of the image moved a token
+    of norm 35 by 0.06). The tiny configuration has the first, not the second. Trained with the
+    recipe (and ``attribute_loss_weight=0.75``, so each of the first four heads of six weighs what
+    it did at 0.5 of four), the holding heads on the grid gave referring DF1 69.7 (68.3 without;
+    holding 41.7 against 35.4, the heads naming 77% of persons' items right) but counting 81.2%
+    (84.8%); with the shared features and the coordinates, position expressions stayed where they
+    were (59.6 against 60.8 without the coordinates). With four questions a scene and 1.8x the
+    steps, the heads on the grid gave DF1 79.5 against 76.6 (holding 78.5 against 44.8), counting
+    90.0 against 91.0, so the tiny configuration now has them. README "Measured" has the runs.
 
     ``relation_layers`` (of ``relation_heads`` heads) are transformer layers over each image's
     object tokens before the language model reads them (``perceive.models.object_relation``): each
