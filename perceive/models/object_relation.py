@@ -58,14 +58,13 @@ class ObjectRelationLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(hidden)
         self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
 
-    def forward(self, tokens: torch.Tensor, geometry: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, geometry: torch.Tensor, readable: torch.Tensor) -> torch.Tensor:
+        """``readable`` ``[B, 1, K, K]``: which boxes each box may attend to."""
         b, k, hidden = tokens.shape
         q, key, v = (
             t.reshape(b, k, self.heads, -1).transpose(1, 2) for t in self.qkv(self.attention_norm(tokens)).chunk(3, -1)
         )
         bias = self.geometry_bias(geometry).permute(0, 3, 1, 2)  # [B, heads, K, K]
-        # a padded key is never read; a padded row still reads itself, so no row is all masked
-        readable = box_mask[:, None, None, :] | torch.eye(k, dtype=torch.bool, device=tokens.device)
         bias = bias.masked_fill(~readable, torch.finfo(bias.dtype).min).to(q.dtype)
         mixed = F.scaled_dot_product_attention(q, key, v, attn_mask=bias).transpose(1, 2).reshape(b, k, hidden)
         tokens = tokens + self.out(mixed)
@@ -81,6 +80,9 @@ class ObjectRelationEncoder(nn.Module):
         """Object tokens ``[B, K, H]`` of normalised xyxy ``boxes`` ``[B, K, 4]``, each having read the other
         boxes of its image (padding where ``box_mask`` is False stays zero)."""
         geometry = pair_geometry(boxes.float()).to(tokens.dtype)
+        # a padded key is never read; a padded row still reads itself, so no row is all masked
+        k = boxes.shape[1]
+        readable = box_mask[:, None, None, :] | torch.eye(k, dtype=torch.bool, device=boxes.device)
         for layer in self.layers:
-            tokens = layer(tokens, geometry, box_mask)
+            tokens = layer(tokens, geometry, readable)
         return tokens * box_mask[..., None]
