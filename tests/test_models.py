@@ -11,6 +11,7 @@ from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUT
 from perceive.models.decoding import GrammarMasks, _index_or_stop, generate
 from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_coordinates, box_position_embedding
 from perceive.models.modeling_upn import UpnConfig, UpnModel
+from perceive.models.object_order import order_features
 from perceive.processing import IGNORE, ImageFrame, PerceiverProcessor
 from perceive.tokenization import detokenize
 from perceive.train.data import ATTRIBUTE_TARGETS, WorldTasks, attribute_targets
@@ -439,6 +440,40 @@ def test_object_tokens_carry_their_box_coordinates(world_tokenizer, micro_config
     assert model.coordinate_embedding.weight.grad.abs().sum() > 0
 
 
+def test_object_tokens_carry_where_their_box_stands_among_alike_boxes(tmp_path, world_tokenizer, micro_config):
+    model = _model(micro_config, order_embedding=True).eval()
+    hidden = model.config.text().hidden_size
+    assert 0.7 * hidden**0.5 < float(model.order_embedding.weight.detach().norm(dim=0).mean()) < 1.3 * hidden**0.5
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
+    mask = batch["box_mask"]
+    visual_inputs = [batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")]
+    with torch.no_grad():
+        visual = model.encode_visual(*visual_inputs)
+        model.config.order_embedding = False
+        without = model.encode_visual(*visual_inputs)["object_tokens"]
+        model.config.order_embedding = True
+        probs = visual["attribute_logits"].split(list(model.config.attribute_classes().values()), dim=-1)
+        want = model.order_embedding(order_features(batch["boxes"], mask, probs[0].softmax(-1), probs[1].softmax(-1)))
+        # another box moving across the image changes where the first box stands, and so its token
+        moved = batch["boxes"].clone()
+        moved[:, 1] = (moved[:, 1] + torch.where(moved[:, 1, :1] < 0.5, 0.45, -0.45)).clamp(0, 1)
+        visual_inputs[3] = moved
+        after = model.encode_visual(*visual_inputs)["object_tokens"]
+    assert torch.allclose((visual["object_tokens"] - without)[mask], want[mask], atol=1e-4)
+    assert torch.equal(visual["object_tokens"][~mask], without[~mask])  # padding carries nothing
+    assert not torch.allclose(after[:, 0], visual["object_tokens"][:, 0], atol=1e-3)
+    model.train()
+    model(**batch).loss.backward()
+    assert model.order_embedding.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    again = PerceiverForRetrieval.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**batch).logits, again(**batch).logits
+    assert again.config.order_embedding and torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)])
+
+
 @pytest.mark.parametrize("relation_layers", [0, 2])
 def test_relation_layers_let_an_object_token_see_the_other_boxes(
     tmp_path, world_tokenizer, micro_config, relation_layers
@@ -632,12 +667,13 @@ def test_named_configs():
     assert (tiny.roi_pooling, real.roi_pooling) == ("flatten", "mean")
     # a config.json saved before these options existed keeps meaning what it meant
     new_options = ("box_tokens", "index_token_features", "roi_pooling", "attribute_embedding", "holding_attributes",
-                   "coordinate_embedding", "relation_layers")  # fmt: skip
+                   "coordinate_embedding", "relation_layers", "order_embedding")  # fmt: skip
     old = PerceiverConfig(**{k: v for k, v in tiny.to_dict().items() if k not in new_options})
     assert (old.box_tokens, old.index_token_features, old.roi_pooling) == ("pair", False, "mean")
-    assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding or old.relation_layers)
+    assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding or old.relation_layers
+                or old.order_embedding)  # fmt: skip
     assert tiny.attribute_embedding and tiny.holding_attributes
-    assert not (tiny.coordinate_embedding or tiny.relation_layers)
+    assert not (tiny.coordinate_embedding or tiny.relation_layers or tiny.order_embedding)
     assert not (real.attribute_embedding or real.holding_attributes or real.coordinate_embedding)
     assert not real.relation_layers
     with pytest.raises(ValueError, match="box_tokens"):

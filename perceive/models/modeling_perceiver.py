@@ -31,6 +31,7 @@ from transformers.masking_utils import create_causal_mask
 
 from perceive.boxes import multi_level_roi_align, roi_align
 from perceive.models.configuration_perceiver import HOLDING_ATTRIBUTES, PerceiverConfig
+from perceive.models.object_order import ORDER_FEATURES, order_features
 from perceive.models.object_relation import ObjectRelationEncoder
 
 
@@ -74,7 +75,8 @@ class PerceiverPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
         if isinstance(module, nn.Linear) and any(
-            module is getattr(self, name, None) for name in ("attribute_embedding", "coordinate_embedding")
+            module is getattr(self, name, None)
+            for name in ("attribute_embedding", "coordinate_embedding", "order_embedding")
         ):
             # at the scale object tokens grow to (norm ~sqrt(hidden)): at 0.02 the heads' reading stayed a
             # whisper beside the features, and a full tiny run did not learn to hear it
@@ -114,6 +116,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             self.attribute_embedding = nn.Linear(sum(attributes.values()), hidden)
         if config.coordinate_embedding:
             self.coordinate_embedding = nn.Linear(4, hidden)
+        if config.order_embedding:
+            self.order_embedding = nn.Linear(ORDER_FEATURES, hidden)
         if config.relation_layers:
             self.object_relation = ObjectRelationEncoder(hidden, config.relation_layers, config.relation_heads)
         if config.index_head == "pointer":
@@ -164,6 +168,11 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             tokens = tokens + self.attribute_embedding(probs) * box_mask[..., None]
         if self.config.coordinate_embedding:
             tokens = tokens + self.coordinate_embedding(box_coordinates(boxes)) * box_mask[..., None]
+        if self.config.order_embedding:
+            names = list(self.attribute_heads)
+            category, color = (heads[names.index(n)].detach().softmax(dim=-1) for n in ("category", "color"))
+            order = order_features(boxes, box_mask, category, color)
+            tokens = tokens + self.order_embedding(order) * box_mask[..., None]
         if self.config.relation_layers:  # last, so the relation layers read the attributes' clear directions too
             tokens = self.object_relation(tokens, boxes, box_mask)
         return obj, tokens, torch.cat(heads, dim=-1)

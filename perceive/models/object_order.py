@@ -1,0 +1,58 @@
+"""Where each box stands among the alike boxes of its image, counted from the left, the right, the top and
+the bottom.
+
+Why: "the second red circle from the left" asks for a rank among the boxes a noun phrase matches. No box's
+own features hold it, and under causal attention an object token sees only the boxes before it in the
+shuffled list, so the language model would have to count at the answer over tokens that each know only
+their own object. Here each box gets, for two ways of being alike (same category; same category and
+colour, which is a person's shirt), how many alike boxes come before it in each direction. Alike is read
+softly from the model's own attribute heads (the dot product of two boxes' class probabilities) and
+before is a sigmoid of the centres' offset, so nothing here is told the answer: it counts what the heads
+see, and the language model still has to match the count to the question's words.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ORDER_DIRECTIONS = ("left", "right", "top", "bottom")
+ORDER_SOFTNESS = 0.01  # of the image side; the world's orderings keep rival centres 0.04 apart
+ORDER_BINS = 5  # counts 0..3 (the fourth from a side) and "4 or more"
+ORDER_GROUPINGS = ("category", "category_and_color")
+ORDER_FEATURES = len(ORDER_GROUPINGS) * len(ORDER_DIRECTIONS) * ORDER_BINS
+
+
+def order_counts(
+    boxes: torch.Tensor, box_mask: torch.Tensor, alike: torch.Tensor, softness: float = ORDER_SOFTNESS
+) -> torch.Tensor:
+    """``[B, K, 4]``: for each box k, the sum over the other present boxes j of ``alike[b, k, j]`` times how
+    surely j comes before k from the left, the right, the top and the bottom (``ORDER_DIRECTIONS``).
+
+    ``boxes`` are normalised xyxy ``[B, K, 4]``, ``alike`` is ``[B, K, K]`` in [0, 1]; padding (``box_mask``
+    False) neither counts nor is counted."""
+    cx = (boxes[..., 0] + boxes[..., 2]) / 2
+    cy = (boxes[..., 1] + boxes[..., 3]) / 2
+    key = torch.stack([cx, -cx, cy, -cy], dim=-1)  # [B, K, 4]: a smaller key comes first in its direction
+    before = torch.sigmoid((key[:, :, None] - key[:, None, :]) / softness)  # [B, K(k), K(j), 4]: j before k
+    present = box_mask.to(alike.dtype)
+    others = 1 - torch.eye(boxes.shape[1], dtype=alike.dtype, device=alike.device)
+    weight = alike * present[:, :, None] * present[:, None, :] * others
+    return (weight[..., None] * before).sum(dim=2)
+
+
+def count_bins(counts: torch.Tensor, bins: int = ORDER_BINS) -> torch.Tensor:
+    """``[..., bins]``: each count spread over the two nearest whole numbers 0..bins-1 (hat functions), the
+    last bin taking every count from bins-1 up; a whole count is one-hot."""
+    centres = torch.arange(bins, dtype=counts.dtype, device=counts.device)
+    return (1 - (counts.clamp(min=0, max=bins - 1)[..., None] - centres).abs()).clamp(min=0)
+
+
+def order_features(
+    boxes: torch.Tensor, box_mask: torch.Tensor, category_probs: torch.Tensor, color_probs: torch.Tensor
+) -> torch.Tensor:
+    """``[B, K, ORDER_FEATURES]``: the binned counts of ``order_counts`` for each of ``ORDER_GROUPINGS``,
+    alike read from the attribute heads' class probabilities ``[B, K, classes]``."""
+    same_category = category_probs @ category_probs.transpose(1, 2)
+    same_color = color_probs @ color_probs.transpose(1, 2)
+    groups = (same_category, same_category * same_color)
+    return torch.cat([count_bins(order_counts(boxes, box_mask, g)).flatten(-2) for g in groups], dim=-1)
