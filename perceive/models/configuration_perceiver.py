@@ -140,8 +140,8 @@ class PerceiverConfig(PretrainedConfig):
         holding_attributes: bool = False,
         coordinate_embedding: bool = False,
         relation_layers: int = 0,  # the default is how checkpoints saved before the option were built
-        order_embedding: bool = False,  # the default is how checkpoints saved before the option were built
         relation_heads: int = 4,
+        order_embedding: bool = False,  # the default is how checkpoints saved before the option were built
         match_loss_weight: float = 1.0,
         attribute_loss_weight: float = 0.5,
         image_token_id: int = 0,
