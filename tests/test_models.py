@@ -411,6 +411,21 @@ def test_holding_targets_and_heads(world_tokenizer, micro_config):
     assert torch.isfinite(without(**batch).losses["attributes"])
 
 
+def _object_tokens(model, batch, boxes=None):
+    inputs = [batch[k] for k in ("pixel_low", "pixel_high", "rgb_high")]
+    return model.encode_visual(*inputs, batch["boxes"] if boxes is None else boxes, batch["box_mask"])["object_tokens"]
+
+
+def _object_tokens_with_and_without(model, batch, option):
+    """The object tokens with the config's ``option`` on, and with it switched off for one encoding."""
+    with torch.no_grad():
+        on = _object_tokens(model, batch)
+        setattr(model.config, option, False)
+        off = _object_tokens(model, batch)
+        setattr(model.config, option, True)
+    return on, off
+
+
 def test_object_tokens_carry_their_box_coordinates(world_tokenizer, micro_config):
     assert torch.allclose(box_coordinates(torch.tensor([0.0, 0.0, 1.0, 1.0])), torch.tensor([0.0, 0.0, 2.0, 2.0]))
     assert torch.allclose(box_coordinates(torch.tensor([0.25, 0.5, 0.75, 1.0])), torch.tensor([0.0, 0.5, 1.0, 1.0]))
@@ -422,16 +437,8 @@ def test_object_tokens_carry_their_box_coordinates(world_tokenizer, micro_config
     batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
     mask = batch["box_mask"]
     assert not mask.all()
-
-    def tokens():
-        v = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
-        return v["object_tokens"]
-
+    with_coordinates, without = _object_tokens_with_and_without(model, batch, "coordinate_embedding")
     with torch.no_grad():
-        with_coordinates = tokens()
-        model.config.coordinate_embedding = False
-        without = tokens()
-        model.config.coordinate_embedding = True
         want = model.coordinate_embedding(box_coordinates(batch["boxes"]))
     assert torch.allclose((with_coordinates - without)[mask], want[mask], atol=1e-4)
     assert torch.equal(with_coordinates[~mask], without[~mask])  # padding carries nothing
@@ -447,22 +454,18 @@ def test_object_tokens_carry_where_their_box_stands_among_alike_boxes(tmp_path, 
     proc = PerceiverProcessor(world_tokenizer, model.config)
     batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
     mask = batch["box_mask"]
-    visual_inputs = [batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")]
+    tokens, without = _object_tokens_with_and_without(model, batch, "order_embedding")
     with torch.no_grad():
-        visual = model.encode_visual(*visual_inputs)
-        model.config.order_embedding = False
-        without = model.encode_visual(*visual_inputs)["object_tokens"]
-        model.config.order_embedding = True
+        visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
         probs = visual["attribute_logits"].split(list(model.config.attribute_classes().values()), dim=-1)
         want = model.order_embedding(order_features(batch["boxes"], mask, probs[0].softmax(-1), probs[1].softmax(-1)))
         # another box moving across the image changes where the first box stands, and so its token
         moved = batch["boxes"].clone()
         moved[:, 1] = (moved[:, 1] + torch.where(moved[:, 1, :1] < 0.5, 0.45, -0.45)).clamp(0, 1)
-        visual_inputs[3] = moved
-        after = model.encode_visual(*visual_inputs)["object_tokens"]
-    assert torch.allclose((visual["object_tokens"] - without)[mask], want[mask], atol=1e-4)
-    assert torch.equal(visual["object_tokens"][~mask], without[~mask])  # padding carries nothing
-    assert not torch.allclose(after[:, 0], visual["object_tokens"][:, 0], atol=1e-3)
+        after = _object_tokens(model, batch, moved)
+    assert torch.allclose((tokens - without)[mask], want[mask], atol=1e-4)
+    assert torch.equal(tokens[~mask], without[~mask])  # padding carries nothing
+    assert not torch.allclose(after[:, 0], tokens[:, 0], atol=1e-3)
     model.train()
     model(**batch).loss.backward()
     assert model.order_embedding.weight.grad.abs().sum() > 0

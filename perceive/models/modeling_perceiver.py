@@ -162,16 +162,15 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         grid_feats = feats.detach().reshape(b, k, -1)
         heads = [head(grid_feats if name in HOLDING_ATTRIBUTES else obj) for name, head in self.attribute_heads.items()]
         tokens = self.object_projector(obj)
-        if self.config.attribute_embedding:
+        if self.config.attribute_embedding or self.config.order_embedding:
             # the heads' own reading, as given: the attribute loss alone decides what it says
-            probs = torch.cat([v.detach().softmax(dim=-1) for v in heads], dim=-1)
-            tokens = tokens + self.attribute_embedding(probs) * box_mask[..., None]
+            probs = {name: v.detach().softmax(dim=-1) for name, v in zip(self.attribute_heads, heads, strict=True)}
+        if self.config.attribute_embedding:
+            tokens = tokens + self.attribute_embedding(torch.cat(list(probs.values()), dim=-1)) * box_mask[..., None]
         if self.config.coordinate_embedding:
             tokens = tokens + self.coordinate_embedding(box_coordinates(boxes)) * box_mask[..., None]
         if self.config.order_embedding:
-            names = list(self.attribute_heads)
-            category, color = (heads[names.index(n)].detach().softmax(dim=-1) for n in ("category", "color"))
-            order = order_features(boxes, box_mask, category, color)
+            order = order_features(boxes, box_mask, probs["category"], probs["color"])
             tokens = tokens + self.order_embedding(order) * box_mask[..., None]
         if self.config.relation_layers:  # last, so the relation layers read the attributes' clear directions too
             tokens = self.object_relation(tokens, boxes, box_mask)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from perceive.boxes import convert
+
 ORDER_DIRECTIONS = ("left", "right", "top", "bottom")
 ORDER_SOFTNESS = 0.01  # of the image side; the world's orderings keep rival centres 0.04 apart
 ORDER_BINS = 5  # counts 0..3 (the fourth from a side) and "4 or more"
@@ -30,8 +32,7 @@ def order_counts(
 
     ``boxes`` are normalised xyxy ``[B, K, 4]``, ``alike`` is ``[B, K, K]`` in [0, 1]; padding (``box_mask``
     False) neither counts nor is counted."""
-    cx = (boxes[..., 0] + boxes[..., 2]) / 2
-    cy = (boxes[..., 1] + boxes[..., 3]) / 2
+    cx, cy = convert(boxes, "xyxy", "cxcywh")[..., :2].unbind(-1)
     key = torch.stack([cx, -cx, cy, -cy], dim=-1)  # [B, K, 4]: a smaller key comes first in its direction
     before = torch.sigmoid((key[:, :, None] - key[:, None, :]) / softness)  # [B, K(k), K(j), 4]: j before k
     present = box_mask.to(alike.dtype)
