@@ -28,7 +28,8 @@ from perceive.tokenization import detokenize, load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 _GROUNDING = re.compile("^" + re.escape(TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
-ANSWER_INPUTS = ("image_tokens", "object_tokens")  # what answering reads of an image's encoding
+# what answering reads of an image's encoding (the last two per the model's configuration)
+ANSWER_INPUTS = ("image_tokens", "object_tokens", "object_order", "object_category")
 
 
 def grounding_phrases(question: str) -> list[str] | None:
@@ -181,7 +182,7 @@ class Perceiver:
         visual = self.model.encode_visual(pixels["pixel_low"], pixels["pixel_high"], pixels["rgb_high"], box_t, mask)
         return [
             EncodedImage(arr, frame, b, sc, n, {key: visual[key][i : i + 1, : None if key == "image_tokens" else len(b)]
-                                                for key in ANSWER_INPUTS})
+                                                for key in ANSWER_INPUTS if key in visual})
             for i, (arr, frame, b, sc, n) in enumerate(zip(arrays, frames, per_boxes, per_scores, notes, strict=True))
         ]  # fmt: skip
 
@@ -206,6 +207,8 @@ class Perceiver:
         k = batch["boxes"].shape[1]
         visual = {}
         for key in ANSWER_INPUTS:
+            if key not in encoded[0].visual:  # per the model's configuration
+                continue
             parts = [e.visual[key] for e in encoded]
             if key != "image_tokens":  # pad objects to the batch's box count
                 parts = [torch.nn.functional.pad(p, (0, 0, 0, k - p.shape[1])) for p in parts]

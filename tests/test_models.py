@@ -7,11 +7,13 @@ import torch
 
 from perceive.boxes import box_iou
 from perceive.formats import chatrex
+from perceive.models.anchor_pointer import ANCHOR_GEOMETRY
 from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES, PerceiverConfig, named_config
 from perceive.models.decoding import GrammarMasks, _index_or_stop, generate
 from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_coordinates, box_position_embedding
 from perceive.models.modeling_upn import UpnConfig, UpnModel
 from perceive.models.object_order import order_features
+from perceive.perceiver import Perceiver
 from perceive.processing import IGNORE, ImageFrame, PerceiverProcessor
 from perceive.tokenization import detokenize
 from perceive.train.data import ATTRIBUTE_TARGETS, WorldTasks, attribute_targets
@@ -411,18 +413,30 @@ def test_holding_targets_and_heads(world_tokenizer, micro_config):
     assert torch.isfinite(without(**batch).losses["attributes"])
 
 
+def _reloaded(model, batch, tmp_path):
+    """The config of ``model`` saved and loaded again, after checking that the two give the same logits."""
+    model.save_pretrained(tmp_path)
+    again = PerceiverForRetrieval.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**batch).logits, again(**batch).logits
+    assert torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)])
+    return again.config
+
+
 def _object_tokens(model, batch, boxes=None):
     inputs = [batch[k] for k in ("pixel_low", "pixel_high", "rgb_high")]
     return model.encode_visual(*inputs, batch["boxes"] if boxes is None else boxes, batch["box_mask"])["object_tokens"]
 
 
-def _object_tokens_with_and_without(model, batch, option):
-    """The object tokens with the config's ``option`` on, and with it switched off for one encoding."""
+def _object_tokens_with_and_without(model, batch, option, off_value=False):
+    """The object tokens with the config's ``option`` as built, and set to ``off_value`` for one encoding."""
+    on_value = getattr(model.config, option)
     with torch.no_grad():
         on = _object_tokens(model, batch)
-        setattr(model.config, option, False)
+        setattr(model.config, option, off_value)
         off = _object_tokens(model, batch)
-        setattr(model.config, option, True)
+        setattr(model.config, option, on_value)
     return on, off
 
 
@@ -448,13 +462,13 @@ def test_object_tokens_carry_their_box_coordinates(world_tokenizer, micro_config
 
 
 def test_object_tokens_carry_where_their_box_stands_among_alike_boxes(tmp_path, world_tokenizer, micro_config):
-    model = _model(micro_config, order_embedding=True).eval()
+    model = _model(micro_config, order_embedding="object_tokens").eval()
     hidden = model.config.text().hidden_size
     assert 0.7 * hidden**0.5 < float(model.order_embedding.weight.detach().norm(dim=0).mean()) < 1.3 * hidden**0.5
     proc = PerceiverProcessor(world_tokenizer, model.config)
     batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
     mask = batch["box_mask"]
-    tokens, without = _object_tokens_with_and_without(model, batch, "order_embedding")
+    tokens, without = _object_tokens_with_and_without(model, batch, "order_embedding", "none")
     with torch.no_grad():
         visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
         probs = visual["attribute_logits"].split(list(model.config.attribute_classes().values()), dim=-1)
@@ -469,12 +483,87 @@ def test_object_tokens_carry_where_their_box_stands_among_alike_boxes(tmp_path, 
     model.train()
     model(**batch).loss.backward()
     assert model.order_embedding.weight.grad.abs().sum() > 0
-    model.save_pretrained(tmp_path)
-    again = PerceiverForRetrieval.from_pretrained(tmp_path).eval()
-    model.eval()
+    assert _reloaded(model, batch, tmp_path).order_embedding == "object_tokens"
+
+
+def test_pointer_keys_carry_where_each_box_stands_among_alike_boxes(tmp_path, world_tokenizer, micro_config):
+    plain = _model(micro_config)
+    model = _model(micro_config, order_embedding="pointer_keys")
+    # built as the plain model is, the counts' projection at zero: training starts where it would without them
+    state = model.state_dict()
+    assert {k: v for k, v in state.items() if not k.startswith("order_key.")}.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    assert not model.order_key.weight.any()
+    _as_if_trained(model).eval()
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=1).batch([0, 1])
+    mask = batch["box_mask"]
+    assert not mask.all()
     with torch.no_grad():
-        a, b = model(**batch).logits, again(**batch).logits
-    assert again.config.order_embedding and torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)])
+        visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+        probs = visual["attribute_logits"].split(list(model.config.attribute_classes().values()), dim=-1)
+        order = order_features(batch["boxes"], mask, probs[0].softmax(-1), probs[1].softmax(-1))
+        keys = model(**batch, visual=visual).pointer_keys
+        model.config.order_embedding = "none"
+        without = model(**batch, visual=visual).pointer_keys
+        model.config.order_embedding = "pointer_keys"
+    assert torch.allclose(visual["object_order"], order)
+    # the keys gain exactly the counts' projection; the object tokens, and so the language model, do not
+    assert torch.allclose((keys - without)[mask], model.order_key(order)[mask], atol=1e-4)
+    assert torch.equal(keys[~mask], without[~mask])
+    assert torch.equal(visual["object_tokens"], _object_tokens(plain.eval(), batch))
+    with pytest.raises(ValueError, match="object_order"):
+        model(**batch, visual={k: v for k, v in visual.items() if k != "object_order"})
+    model.train()
+    model(**batch).loss.backward()
+    assert model.order_key.weight.grad.abs().sum() > 0
+    assert _reloaded(model, batch, tmp_path).order_embedding == "pointer_keys"
+
+
+def test_the_anchor_pointer_adds_the_geometry_to_an_anchor_to_the_pointers_scores(
+    tmp_path, world_tokenizer, micro_config
+):
+    plain = _model(micro_config).eval()
+    model = _model(micro_config, anchor_pointer=True).eval()
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    assert {k.split(".")[0] for k in set(state) - set(plain.state_dict())} == {"anchor_pointer"}
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=2, task_weights={"refer": 1.0}).batch([0, 1])
+    with torch.no_grad():  # its reading starts at zero: the scores are the plain pointer's
+        assert torch.equal(model(**batch).logits, plain(**batch).logits)
+        _as_if_trained(model)
+        out = model(**batch)
+        visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+    category = visual["attribute_logits"][..., : ATTRIBUTES["category"]].softmax(-1)
+    assert torch.allclose(visual["object_category"], category)
+    b, k = batch["box_mask"].shape
+    assert out.anchor_inputs["geometry"].shape == (b, k, k, ANCHOR_GEOMETRY)
+    assert not torch.allclose(out.logits, plain(**batch).logits)
+    with pytest.raises(ValueError, match="object_category"):
+        model(**batch, visual={k: v for k, v in visual.items() if k != "object_category"})
+    with pytest.raises(ValueError, match="anchor_pointer"):
+        PerceiverConfig(anchor_pointer=True, index_head="vocab")
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.anchor_pointer.parameters())
+    assert _reloaded(model, batch, tmp_path).anchor_pointer
+
+
+@pytest.mark.parametrize("options", [{"order_embedding": "pointer_keys"}, {"anchor_pointer": True}])
+def test_answers_in_a_batch_read_each_images_own_objects(world_tokenizer, micro_config, options):
+    """``Perceiver.answer`` pads every per-object input, those of the pointer's additions too, to the
+    batch's box count: an image answered beside another with more boxes gets the answer it gets alone."""
+    model = _as_if_trained(_model(micro_config, **options))
+    upn = UpnModel(UpnConfig(image_size=64, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], head_dim=16))
+    perceiver = Perceiver(model, upn, world_tokenizer)
+    scenes = [generate_scene(s, WORLD) for s in (1, 2)]
+    boxes = [np.array([o.box for o in sc.instances]) for sc in scenes]
+    assert len(boxes[0]) != len(boxes[1])
+    question = "Please detect circle; person in this image. Answer the question with object indexes."
+    together = perceiver.ask_batch([sc.image for sc in scenes], [question] * 2, boxes)
+    alone = [perceiver.ask(sc.image, question, b) for sc, b in zip(scenes, boxes, strict=True)]
+    assert [a.text for a in together] == [a.text for a in alone]
 
 
 @pytest.mark.parametrize("relation_layers", [0, 2])
@@ -500,24 +589,32 @@ def test_relation_layers_let_an_object_token_see_the_other_boxes(
     model.train()
     model(**batch).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.object_relation.parameters())
-    model.save_pretrained(tmp_path)
-    again = PerceiverForRetrieval.from_pretrained(tmp_path).eval()
-    model.eval()
-    with torch.no_grad():
-        a, b = model(**batch).logits, again(**batch).logits
-    assert again.config.relation_layers == 2 and torch.allclose(a[~torch.isinf(a)], b[~torch.isinf(b)])
+    assert _reloaded(model, batch, tmp_path).relation_layers == 2
     with pytest.raises(ValueError, match="relation_layers"):
         PerceiverConfig(relation_layers=-1)
 
 
+def _as_if_trained(model):
+    """The pointer's additions start at zero; give them weights so that a test can see them act."""
+    with torch.no_grad():
+        anchor = getattr(model, "anchor_pointer", None)
+        for layer in (getattr(model, "order_key", None), anchor.reading if anchor is not None else None):
+            if layer is not None:
+                layer.weight.normal_(std=3.0)
+    return model
+
+
 @pytest.mark.parametrize(
-    "box_tokens, prefix_attention", [("fused", "causal"), ("pair", "causal"), ("fused", "bidirectional")]
-)
-def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, box_tokens, prefix_attention):
+    "options",
+    [{"box_tokens": "fused"}, {"box_tokens": "pair"}, {"prefix_attention": "bidirectional"},
+     {"order_embedding": "pointer_keys", "anchor_pointer": True}],
+)  # fmt: skip
+def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, options):
     """Each generated token's logits equal those of one forward pass over prompt + answer so far, so the
     KV-cached loop embeds generated <objK> tokens exactly as the training forward does (and, with a
-    bidirectional prefix, attends as the training forward does)."""
-    model = _model(micro_config, box_tokens=box_tokens, prefix_attention=prefix_attention).eval()
+    bidirectional prefix, attends as the training forward does; with the pointer's additions, scores as
+    it does)."""
+    model = _as_if_trained(_model(micro_config, **options)).eval()
     proc = PerceiverProcessor(world_tokenizer, model.config)
     data = WorldTasks(proc, WORLD, seed=4)
     it = data.item(0, task="detect")
@@ -670,13 +767,18 @@ def test_named_configs():
     assert (tiny.roi_pooling, real.roi_pooling) == ("flatten", "mean")
     # a config.json saved before these options existed keeps meaning what it meant
     new_options = ("box_tokens", "index_token_features", "roi_pooling", "attribute_embedding", "holding_attributes",
-                   "coordinate_embedding", "relation_layers", "order_embedding")  # fmt: skip
+                   "coordinate_embedding", "relation_layers", "order_embedding", "anchor_pointer")  # fmt: skip
     old = PerceiverConfig(**{k: v for k, v in tiny.to_dict().items() if k not in new_options})
     assert (old.box_tokens, old.index_token_features, old.roi_pooling) == ("pair", False, "mean")
-    assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding or old.relation_layers
-                or old.order_embedding)  # fmt: skip
+    assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding or old.relation_layers)
+    assert old.order_embedding == "none"
     assert tiny.attribute_embedding and tiny.holding_attributes
-    assert not (tiny.coordinate_embedding or tiny.relation_layers or tiny.order_embedding)
+    assert not (tiny.coordinate_embedding or tiny.relation_layers) and tiny.order_embedding == "none"
+    assert tiny.anchor_pointer and not (real.anchor_pointer or old.anchor_pointer)
+    # saved before "pointer_keys", order_embedding was a flag
+    assert [PerceiverConfig(order_embedding=v).order_embedding for v in (False, True)] == ["none", "object_tokens"]
+    with pytest.raises(ValueError, match="order_embedding"):
+        PerceiverConfig(order_embedding="everywhere")
     assert not (real.attribute_embedding or real.holding_attributes or real.coordinate_embedding)
     assert not real.relation_layers
     with pytest.raises(ValueError, match="box_tokens"):
@@ -700,8 +802,9 @@ def test_flattened_rois_keep_the_layout_that_the_mean_averages_away(micro_config
     box = torch.tensor([[[0.25, 0.3, 0.75, 0.6]]])  # centred left-right: a mirror maps it onto itself
     mask = torch.ones(1, 1, dtype=torch.bool)
     with torch.no_grad():
-        feats, tokens, _ = model.encode_objects(levels, rgb, box, mask)
-        mirrored, _, _ = model.encode_objects([lv.flip(-1) for lv in levels], rgb.flip(-1), box, mask)
+        encoded = model.encode_objects(levels, rgb, box, mask)
+        feats, tokens = encoded["object_features"], encoded["object_tokens"]
+        mirrored = model.encode_objects([lv.flip(-1) for lv in levels], rgb.flip(-1), box, mask)["object_features"]
     assert tokens.shape == (1, 1, model.config.text().hidden_size)
     if roi_pooling == "mean":  # the same cells in another order: the same mean
         assert torch.allclose(feats, mirrored, atol=1e-5)
@@ -724,9 +827,10 @@ def test_forced_phrases_give_the_asked_structure(world_tokenizer, micro_config):
         assert [grp.phrase for grp in parsed.groups] == phrases and parsed.problems == ()
 
 
-def test_losses_stay_finite_without_groups_or_boxes(world_tokenizer, micro_config):
+@pytest.mark.parametrize("options", [{}, {"order_embedding": "pointer_keys", "anchor_pointer": True}])
+def test_losses_stay_finite_without_groups_or_boxes(world_tokenizer, micro_config, options):
     """A batch with no <objects> group (and no boxes) must not log NaN: impossible indices are -inf."""
-    model = _model(micro_config)
+    model = _as_if_trained(_model(micro_config, **options))
     proc = PerceiverProcessor(world_tokenizer, model.config)
     data = WorldTasks(proc, WORLD, seed=6, task_weights={"detect": 1.0}, answer_format="coordinates")
     batch, _ = data.batch([0, 1])

@@ -30,6 +30,7 @@ from transformers import CLIPVisionModel, ConvNextModel, PreTrainedModel, Qwen2F
 from transformers.masking_utils import create_causal_mask
 
 from perceive.boxes import multi_level_roi_align, roi_align
+from perceive.models.anchor_pointer import AnchorPointer, anchor_geometry
 from perceive.models.configuration_perceiver import HOLDING_ATTRIBUTES, PerceiverConfig
 from perceive.models.object_order import ORDER_FEATURES, order_features
 from perceive.models.object_relation import ObjectRelationEncoder
@@ -64,6 +65,7 @@ class PerceiverOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     past_key_values: object | None = None
     pointer_keys: torch.Tensor | None = None
+    anchor_inputs: dict[str, torch.Tensor] | None = None  # with anchor_pointer: the boxes' keys and geometry
 
 
 class PerceiverPreTrainedModel(PreTrainedModel):
@@ -81,6 +83,13 @@ class PerceiverPreTrainedModel(PreTrainedModel):
             # at the scale object tokens grow to (norm ~sqrt(hidden)): at 0.02 the heads' reading stayed a
             # whisper beside the features, and a full tiny run did not learn to hear it
             nn.init.normal_(module.weight, std=1.0)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and (
+            module is getattr(self, "order_key", None)
+            or module is getattr(getattr(self, "anchor_pointer", None), "reading", None)
+        ):
+            # zero: the pointer starts as it would without the counts, and learns what of them to read
+            nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(module.weight, std=std)
@@ -116,13 +125,19 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             self.attribute_embedding = nn.Linear(sum(attributes.values()), hidden)
         if config.coordinate_embedding:
             self.coordinate_embedding = nn.Linear(4, hidden)
-        if config.order_embedding:
+        if config.order_embedding == "object_tokens":
             self.order_embedding = nn.Linear(ORDER_FEATURES, hidden)
         if config.relation_layers:
             self.object_relation = ObjectRelationEncoder(hidden, config.relation_layers, config.relation_heads)
         if config.index_head == "pointer":
             self.pointer_query = nn.Linear(hidden, hidden)
             self.pointer_key = nn.Linear(hidden, hidden)
+            if config.order_embedding == "pointer_keys":
+                with torch.random.fork_rng():  # the other weights initialise as they would without it
+                    self.order_key = nn.Linear(ORDER_FEATURES, hidden)
+            if config.anchor_pointer:  # last: its initialisation draws after every other weight's
+                with torch.random.fork_rng():
+                    self.anchor_pointer = AnchorPointer(hidden)
         self.post_init()
 
     # ------------------------------------------------------------------------------------------
@@ -139,10 +154,11 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
 
     def encode_objects(
         self, levels: list[torch.Tensor], rgb_high: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Object features ``[B, K, object_dim]``, object tokens ``[B, K, H]`` and the attribute heads'
-        logits side by side ``[B, K, sum of classes]`` from normalised xyxy ``boxes`` ``[B, K, 4]``
-        (padding where ``box_mask`` is False)."""
+    ) -> dict[str, torch.Tensor]:
+        """From normalised xyxy ``boxes`` ``[B, K, 4]`` (padding where ``box_mask`` is False): object
+        features ``[B, K, object_dim]``, object tokens ``[B, K, H]``, the attribute heads' logits side by
+        side ``[B, K, sum of classes]`` and, with ``order_embedding="pointer_keys"``, the object order
+        features ``[B, K, ORDER_FEATURES]`` the pointer's keys read."""
         b, k, _ = boxes.shape
         size = self.config.high_resolution
         flat = boxes.reshape(-1, 4) * size
@@ -162,19 +178,25 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         grid_feats = feats.detach().reshape(b, k, -1)
         heads = [head(grid_feats if name in HOLDING_ATTRIBUTES else obj) for name, head in self.attribute_heads.items()]
         tokens = self.object_projector(obj)
-        if self.config.attribute_embedding or self.config.order_embedding:
+        encoded = {"object_features": obj, "attribute_logits": torch.cat(heads, dim=-1)}
+        if self.config.attribute_embedding or self.config.order_embedding != "none" or self.config.anchor_pointer:
             # the heads' own reading, as given: the attribute loss alone decides what it says
             probs = {name: v.detach().softmax(dim=-1) for name, v in zip(self.attribute_heads, heads, strict=True)}
         if self.config.attribute_embedding:
             tokens = tokens + self.attribute_embedding(torch.cat(list(probs.values()), dim=-1)) * box_mask[..., None]
         if self.config.coordinate_embedding:
             tokens = tokens + self.coordinate_embedding(box_coordinates(boxes)) * box_mask[..., None]
-        if self.config.order_embedding:
+        if self.config.order_embedding != "none":
             order = order_features(boxes, box_mask, probs["category"], probs["color"])
-            tokens = tokens + self.order_embedding(order) * box_mask[..., None]
+            if self.config.order_embedding == "object_tokens":
+                tokens = tokens + self.order_embedding(order) * box_mask[..., None]
+            else:
+                encoded["object_order"] = order
+        if self.config.anchor_pointer:  # what makes boxes alike for the anchor geometry's "between"
+            encoded["object_category"] = probs["category"]
         if self.config.relation_layers:  # last, so the relation layers read the attributes' clear directions too
             tokens = self.object_relation(tokens, boxes, box_mask)
-        return obj, tokens, torch.cat(heads, dim=-1)
+        return {**encoded, "object_tokens": tokens}
 
     def embed(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, object_tokens: torch.Tensor, box_mask: torch.Tensor
@@ -245,13 +267,23 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
     # logits over the vocabulary with the index head
     # ------------------------------------------------------------------------------------------
 
-    def _logits(self, hidden: torch.Tensor, pointer_keys: torch.Tensor | None, box_mask: torch.Tensor) -> torch.Tensor:
+    def _logits(
+        self,
+        hidden: torch.Tensor,
+        pointer_keys: torch.Tensor | None,
+        box_mask: torch.Tensor,
+        anchor_inputs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         logits = self.language_model.lm_head(hidden).float()
         obj_ids = self._obj_ids(hidden.device)
         k = box_mask.shape[1]
         if self.config.index_head == "pointer":
             assert pointer_keys is not None
             ptr = self.pointer_query(hidden) @ pointer_keys.transpose(1, 2) / math.sqrt(hidden.shape[-1])
+            if self.config.anchor_pointer:
+                assert anchor_inputs is not None
+                ptr = ptr + self.anchor_pointer.scores(hidden, anchor_inputs["keys"], anchor_inputs["geometry"],
+                                                       box_mask)  # fmt: skip
             obj = torch.full((*hidden.shape[:2], len(obj_ids)), float("-inf"), device=hidden.device)
             obj[..., :k] = ptr.float()
         else:
@@ -263,14 +295,34 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         return logits
 
     def _pointer_keys(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, box_mask: torch.Tensor
-    ) -> torch.Tensor | None:
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        box_mask: torch.Tensor,
+        boxes: torch.Tensor,
+        visual: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """Object K's key: the language model's hidden state at its token, plus with
+        ``order_embedding="pointer_keys"`` its order features (``encode_objects``'s ``object_order``);
+        and with ``anchor_pointer`` the boxes' anchor keys and ``anchor_geometry``."""
         if self.config.index_head != "pointer":
-            return None
+            return None, None
         roi_pos = input_ids == self.config.roi_token_id
-        keys = hidden.new_zeros(*box_mask.shape, hidden.shape[-1])
-        keys[box_mask] = hidden[roi_pos]
-        return self.pointer_key(keys)
+        object_hidden = hidden.new_zeros(*box_mask.shape, hidden.shape[-1])
+        object_hidden[box_mask] = hidden[roi_pos]
+        keys = self.pointer_key(object_hidden)
+        needs = {"object_order": self.config.order_embedding == "pointer_keys",
+                 "object_category": self.config.anchor_pointer}  # fmt: skip
+        missing = [name for name, needed in needs.items() if needed and name not in visual]
+        if missing:
+            raise ValueError(f"this configuration's pointer reads {missing} of encode_visual's output")
+        if self.config.order_embedding == "pointer_keys":
+            keys = keys + self.order_key(visual["object_order"].to(keys.dtype)) * box_mask[..., None]
+        if not self.config.anchor_pointer:
+            return keys, None
+        category = visual["object_category"].float()
+        geometry = anchor_geometry(boxes.float(), box_mask, category @ category.transpose(1, 2))
+        return keys, {"keys": self.anchor_pointer.key(object_hidden), "geometry": geometry}
 
     def _attention(
         self,
@@ -319,9 +371,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             visual = self.encode_visual(pixel_low, pixel_high, rgb_high, boxes[first], box_mask[first])
             return {k: v[image_index] for k, v in visual.items()}
         image_tokens, levels = self.encode_image(pixel_low, pixel_high)
-        obj_feats, obj_tokens, attribute_logits = self.encode_objects(levels, rgb_high, boxes, box_mask)
-        return {"image_tokens": image_tokens, "object_features": obj_feats, "object_tokens": obj_tokens,
-                "attribute_logits": attribute_logits}  # fmt: skip
+        return {"image_tokens": image_tokens, **self.encode_objects(levels, rgb_high, boxes, box_mask)}
 
     @staticmethod
     def _first_prompts(
@@ -373,8 +423,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                         use_cache=use_cache)  # fmt: skip
         hidden = out.last_hidden_state
-        keys = self._pointer_keys(hidden, input_ids, box_mask)
-        logits = self._logits(hidden, keys, box_mask)
+        keys, anchor_inputs = self._pointer_keys(hidden, input_ids, box_mask, boxes, visual)
+        logits = self._logits(hidden, keys, box_mask, anchor_inputs)
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
             if self.config.index_softmax == "vocabulary":
@@ -391,7 +441,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
                 + self.config.match_loss_weight * losses.get("match", 0.0)
                 + self.config.attribute_loss_weight * losses.get("attributes", 0.0)
             )
-        return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys)
+        return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys, anchor_inputs)
 
     def _answer_loss(
         self,
