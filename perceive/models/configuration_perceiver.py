@@ -123,7 +123,7 @@ class PerceiverConfig(PretrainedConfig):
     With ``anchor_pointer`` (``perceive.models.anchor_pointer``; needs ``index_head="pointer"``) the
     pointer's query also attends over the boxes to pick an anchor, and each box's score gains a
     learnt reading of its geometry relative to that anchor (wholly left of, right of, above or below
-    it; within 0, 0.1 or 0.2 of the image of it; boxes alike it, by the category head, between the
+    it; within 0, 0.1 or 0.2 of the image's width of it; boxes alike it, by the category head, between the
     two; its share inside the anchor; being the anchor), the reading starting at zero. "The circles
     to the left of the red square" is then a threshold on geometry, which one dot product between a
     query and each box's key is not. Trained with the tiny recipe: referring DF1 79.5 -> 84.1

@@ -88,7 +88,7 @@ class PerceiverPreTrainedModel(PreTrainedModel):
             module is getattr(self, "order_key", None)
             or module is getattr(getattr(self, "anchor_pointer", None), "reading", None)
         ):
-            # zero: the pointer starts as it would without the counts, and learns what of them to read
+            # zero: the pointer starts as it would without these additions, and learns what of them to read
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -157,8 +157,9 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
     ) -> dict[str, torch.Tensor]:
         """From normalised xyxy ``boxes`` ``[B, K, 4]`` (padding where ``box_mask`` is False): object
         features ``[B, K, object_dim]``, object tokens ``[B, K, H]``, the attribute heads' logits side by
-        side ``[B, K, sum of classes]`` and, with ``order_embedding="pointer_keys"``, the object order
-        features ``[B, K, ORDER_FEATURES]`` the pointer's keys read."""
+        side ``[B, K, sum of classes]``, and what the pointer's additions read: with
+        ``order_embedding="pointer_keys"`` the object order features ``[B, K, ORDER_FEATURES]``, with
+        ``anchor_pointer`` the category head's probabilities (detached) ``[B, K, categories]``."""
         b, k, _ = boxes.shape
         size = self.config.high_resolution
         flat = boxes.reshape(-1, 4) * size
