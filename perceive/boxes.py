@@ -92,15 +92,21 @@ def area(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
+def pairwise_intersection(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Intersection areas of ``xyxy`` boxes, ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (leading
+    dimensions broadcast)."""
+    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
 def _pairwise_inter_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check_boxes(a, "boxes1")
     _check_boxes(b, "boxes2")
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"pairwise IoU takes [N, 4] and [M, 4], got {tuple(a.shape)} and {tuple(b.shape)}")
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    inter = pairwise_intersection(a, b)
     union = area(a)[:, None] + area(b)[None, :] - inter
     return inter, union
 

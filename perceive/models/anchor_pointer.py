@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
+from perceive.boxes import area, pairwise_intersection
 from perceive.models.object_order import count_bins
 
 ANCHOR_SOFTNESS = 0.01  # of the image side, as the object order's
@@ -51,10 +52,8 @@ def anchor_geometry(
     weight = (alike * present[:, None, :] * (1 - eye))[:, :, None, :] * (1 - eye)[None, None, :, :]
     between = (weight * inside).sum(-1)
     feats += list(count_bins(between, BETWEEN_BINS).unbind(-1))
-    inter = (torch.minimum(x1, u1) - torch.maximum(x0, u0)).clamp(min=0) * (
-        torch.minimum(y1, v1) - torch.maximum(y0, v0)
-    ).clamp(min=0)
-    feats.append(inter / ((x1 - x0) * (y1 - y0)).clamp(min=1e-6))  # the share of k inside j
+    share_inside = pairwise_intersection(boxes, boxes) / area(boxes)[..., :, None].clamp(min=1e-6)
+    feats.append(share_inside)  # of k inside j
     feats.append(eye.expand_as(gap))
     pair = present[:, :, None] * present[:, None, :]
     return torch.stack(feats, dim=-1) * pair[..., None]

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from perceive.boxes import pairwise_intersection
+
 GEOMETRY_FEATURES = 9
 
 
@@ -25,9 +27,7 @@ def pair_geometry(boxes: torch.Tensor) -> torch.Tensor:
     u0, v0, u1, v1 = (c[..., None, :] for c in boxes.unbind(-1))  # box j along columns
     w, h = (x1 - x0).clamp(min=1e-4), (y1 - y0).clamp(min=1e-4)
     uw, vh = (u1 - u0).clamp(min=1e-4), (v1 - v0).clamp(min=1e-4)
-    inter = (torch.minimum(x1, u1) - torch.maximum(x0, u0)).clamp(min=0) * (
-        torch.minimum(y1, v1) - torch.maximum(y0, v0)
-    ).clamp(min=0)
+    inter = pairwise_intersection(boxes, boxes)
     area_i, area_j = w * h, uw * vh
     feats = [  # offsets and gaps x4, so neighbours a tenth of the image apart differ by O(1)
         2 * (u0 + u1 - x0 - x1),
