@@ -520,6 +520,54 @@ def test_pointer_keys_carry_where_each_box_stands_among_alike_boxes(tmp_path, wo
     assert _reloaded(model, batch, tmp_path).order_embedding == "pointer_keys"
 
 
+def test_a_pointer_reading_weighs_each_boxs_order_counts_by_what_the_query_asks(
+    tmp_path, world_tokenizer, micro_config
+):
+    plain = _model(micro_config, anchor_pointer=True).eval()
+    model = _model(micro_config, anchor_pointer=True, order_embedding="pointer_reading").eval()
+    # built as the plain model is (the anchor pointer too), the reading at zero
+    state = model.state_dict()
+    assert {k.split(".")[0] for k in set(state) - set(plain.state_dict())} == {"order_reading"}
+    assert all(torch.equal(v, state[k]) for k, v in plain.state_dict().items())
+    proc = PerceiverProcessor(world_tokenizer, model.config)
+    batch, _ = WorldTasks(proc, WORLD, seed=3, task_weights={"refer": 1.0}).batch([0, 1])
+    mask = batch["box_mask"]
+    assert not mask.all()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain(**batch).logits)
+        _as_if_trained(model)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("order_reading.")})
+        inputs = [batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")]
+        visual = model.encode_visual(*inputs)
+        out = model(**batch, visual=visual)
+        hidden = model.language_model.model(
+            inputs_embeds=model.embed(batch["input_ids"], visual["image_tokens"], visual["object_tokens"], mask),
+            attention_mask=batch["attention_mask"],
+        ).last_hidden_state
+        base = plain(**batch, visual=visual).logits
+    probs = visual["attribute_logits"].split(list(model.config.attribute_classes().values()), dim=-1)
+    order = order_features(batch["boxes"], mask, probs[0].softmax(-1), probs[1].softmax(-1))
+    assert torch.allclose(out.pointer_inputs["object_order"], order)
+    # each present box's index logit gains exactly its counts dotted with the query's reading
+    want = torch.einsum("bkf,btf->btk", order, model.order_reading(hidden))
+    obj = torch.tensor(model.config.obj_token_ids)[: mask.shape[1]]
+    gained = out.logits[..., obj] - base[..., obj]
+    present = mask[:, None, :].expand_as(gained)
+    assert torch.allclose(gained[present], want[present], atol=1e-3)
+    assert want.abs().max() > 0.1  # so the check above is not of zeros
+    assert torch.isinf(out.logits[..., obj][~present]).all()
+    # the language model reads the object tokens it read without the counts
+    assert torch.equal(visual["object_tokens"], plain.encode_visual(*inputs)["object_tokens"])
+    with pytest.raises(ValueError, match="object_order"):
+        model(**batch, visual={k: v for k, v in visual.items() if k != "object_order"})
+    with pytest.raises(ValueError, match="pointer_reading"):
+        PerceiverConfig(order_embedding="pointer_reading", index_head="vocab")
+    model.train()
+    model(**batch).loss.backward()
+    assert model.order_reading.weight.grad.abs().sum() > 0
+    assert _reloaded(model, batch, tmp_path).order_embedding == "pointer_reading"
+
+
 def test_the_anchor_pointer_adds_the_geometry_to_an_anchor_to_the_pointers_scores(
     tmp_path, world_tokenizer, micro_config
 ):
@@ -538,7 +586,7 @@ def test_the_anchor_pointer_adds_the_geometry_to_an_anchor_to_the_pointers_score
     category = visual["attribute_logits"][..., : ATTRIBUTES["category"]].softmax(-1)
     assert torch.allclose(visual["object_category"], category)
     b, k = batch["box_mask"].shape
-    assert out.anchor_inputs["geometry"].shape == (b, k, k, ANCHOR_GEOMETRY)
+    assert out.pointer_inputs["anchor_geometry"].shape == (b, k, k, ANCHOR_GEOMETRY)
     assert not torch.allclose(out.logits, plain(**batch).logits)
     with pytest.raises(ValueError, match="object_category"):
         model(**batch, visual={k: v for k, v in visual.items() if k != "object_category"})
@@ -550,7 +598,11 @@ def test_the_anchor_pointer_adds_the_geometry_to_an_anchor_to_the_pointers_score
     assert _reloaded(model, batch, tmp_path).anchor_pointer
 
 
-@pytest.mark.parametrize("options", [{"order_embedding": "pointer_keys"}, {"anchor_pointer": True}])
+@pytest.mark.parametrize(
+    "options",
+    [{"order_embedding": "pointer_keys"}, {"anchor_pointer": True},
+     {"order_embedding": "pointer_reading", "anchor_pointer": True}],
+)  # fmt: skip
 def test_answers_in_a_batch_read_each_images_own_objects(world_tokenizer, micro_config, options):
     """``Perceiver.answer`` pads every per-object input, those of the pointer's additions too, to the
     batch's box count: an image answered beside another with more boxes gets the answer it gets alone."""
@@ -598,7 +650,8 @@ def _as_if_trained(model):
     """The pointer's additions start at zero; give them weights so that a test can see them act."""
     with torch.no_grad():
         anchor = getattr(model, "anchor_pointer", None)
-        for layer in (getattr(model, "order_key", None), anchor.reading if anchor is not None else None):
+        for layer in (getattr(model, "order_key", None), getattr(model, "order_reading", None),
+                      anchor.reading if anchor is not None else None):  # fmt: skip
             if layer is not None:
                 layer.weight.normal_(std=3.0)
     return model
@@ -607,7 +660,8 @@ def _as_if_trained(model):
 @pytest.mark.parametrize(
     "options",
     [{"box_tokens": "fused"}, {"box_tokens": "pair"}, {"prefix_attention": "bidirectional"},
-     {"order_embedding": "pointer_keys", "anchor_pointer": True}],
+     {"order_embedding": "pointer_keys", "anchor_pointer": True},
+     {"order_embedding": "pointer_reading", "anchor_pointer": True}],
 )  # fmt: skip
 def test_cached_decoding_matches_a_full_forward(world_tokenizer, micro_config, options):
     """Each generated token's logits equal those of one forward pass over prompt + answer so far, so the
@@ -773,7 +827,7 @@ def test_named_configs():
     assert not (old.attribute_embedding or old.holding_attributes or old.coordinate_embedding or old.relation_layers)
     assert old.order_embedding == "none"
     assert tiny.attribute_embedding and tiny.holding_attributes
-    assert not (tiny.coordinate_embedding or tiny.relation_layers) and tiny.order_embedding == "none"
+    assert not (tiny.coordinate_embedding or tiny.relation_layers) and tiny.order_embedding == "pointer_reading"
     assert tiny.anchor_pointer and not (real.anchor_pointer or old.anchor_pointer)
     # saved before "pointer_keys", order_embedding was a flag
     assert [PerceiverConfig(order_embedding=v).order_embedding for v in (False, True)] == ["none", "object_tokens"]
@@ -827,7 +881,11 @@ def test_forced_phrases_give_the_asked_structure(world_tokenizer, micro_config):
         assert [grp.phrase for grp in parsed.groups] == phrases and parsed.problems == ()
 
 
-@pytest.mark.parametrize("options", [{}, {"order_embedding": "pointer_keys", "anchor_pointer": True}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"order_embedding": "pointer_keys", "anchor_pointer": True},
+     {"order_embedding": "pointer_reading", "anchor_pointer": True}],
+)  # fmt: skip
 def test_losses_stay_finite_without_groups_or_boxes(world_tokenizer, micro_config, options):
     """A batch with no <objects> group (and no boxes) must not log NaN: impossible indices are -inf."""
     model = _as_if_trained(_model(micro_config, **options))

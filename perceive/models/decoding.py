@@ -177,7 +177,7 @@ def generate(
         visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
     inputs = {k: v for k, v in batch.items() if k in _FORWARD_KEYS}
     out = model(**inputs, visual=visual, position_ids=position_ids, use_cache=True)
-    cache, keys, anchor_inputs = out.past_key_values, out.pointer_keys, out.anchor_inputs
+    cache, keys, pointer_inputs = out.past_key_values, out.pointer_keys, out.pointer_inputs
     logits = out.logits[:, -1]
     box_mask = batch["box_mask"]
     num_boxes = box_mask.sum(dim=1).tolist()
@@ -232,7 +232,7 @@ def generate(
                                         past_key_values=cache, use_cache=True)  # fmt: skip
         cache = lm.past_key_values
         next_pos = next_pos + 1
-        logits = model._logits(lm.last_hidden_state, keys, box_mask, anchor_inputs)[:, -1]
+        logits = model._logits(lm.last_hidden_state, keys, box_mask, pointer_inputs)[:, -1]
     return results
 
 

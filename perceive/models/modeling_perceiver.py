@@ -65,7 +65,9 @@ class PerceiverOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     past_key_values: object | None = None
     pointer_keys: torch.Tensor | None = None
-    anchor_inputs: dict[str, torch.Tensor] | None = None  # with anchor_pointer: the boxes' keys and geometry
+    # per-box inputs of the pointer's additions: with anchor_pointer the boxes' anchor keys and geometry,
+    # with order_embedding="pointer_reading" their order features
+    pointer_inputs: dict[str, torch.Tensor] | None = None
 
 
 class PerceiverPreTrainedModel(PreTrainedModel):
@@ -86,6 +88,7 @@ class PerceiverPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear) and (
             module is getattr(self, "order_key", None)
+            or module is getattr(self, "order_reading", None)
             or module is getattr(getattr(self, "anchor_pointer", None), "reading", None)
         ):
             # zero: the pointer starts as it would without these additions, and learns what of them to read
@@ -135,6 +138,9 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             if config.order_embedding == "pointer_keys":
                 with torch.random.fork_rng():  # the other weights initialise as they would without it
                     self.order_key = nn.Linear(ORDER_FEATURES, hidden)
+            if config.order_embedding == "pointer_reading":
+                with torch.random.fork_rng():
+                    self.order_reading = nn.Linear(hidden, ORDER_FEATURES)  # which counts the query asks for
             if config.anchor_pointer:  # last: its initialisation draws after every other weight's
                 with torch.random.fork_rng():
                     self.anchor_pointer = AnchorPointer(hidden)
@@ -158,8 +164,9 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         """From normalised xyxy ``boxes`` ``[B, K, 4]`` (padding where ``box_mask`` is False): object
         features ``[B, K, object_dim]``, object tokens ``[B, K, H]``, the attribute heads' logits side by
         side ``[B, K, sum of classes]``, and what the pointer's additions read: with
-        ``order_embedding="pointer_keys"`` the object order features ``[B, K, ORDER_FEATURES]``, with
-        ``anchor_pointer`` the category head's probabilities (detached) ``[B, K, categories]``."""
+        ``order_embedding="pointer_keys"`` or ``"pointer_reading"`` the object order features
+        ``[B, K, ORDER_FEATURES]``, with ``anchor_pointer`` the category head's probabilities (detached)
+        ``[B, K, categories]``."""
         b, k, _ = boxes.shape
         size = self.config.high_resolution
         flat = boxes.reshape(-1, 4) * size
@@ -273,7 +280,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         hidden: torch.Tensor,
         pointer_keys: torch.Tensor | None,
         box_mask: torch.Tensor,
-        anchor_inputs: dict[str, torch.Tensor] | None = None,
+        pointer_inputs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         logits = self.language_model.lm_head(hidden).float()
         obj_ids = self._obj_ids(hidden.device)
@@ -282,9 +289,14 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             assert pointer_keys is not None
             ptr = self.pointer_query(hidden) @ pointer_keys.transpose(1, 2) / math.sqrt(hidden.shape[-1])
             if self.config.anchor_pointer:
-                assert anchor_inputs is not None
-                ptr = ptr + self.anchor_pointer.scores(hidden, anchor_inputs["keys"], anchor_inputs["geometry"],
-                                                       box_mask)  # fmt: skip
+                assert pointer_inputs is not None
+                ptr = ptr + self.anchor_pointer.scores(
+                    hidden, pointer_inputs["anchor_keys"], pointer_inputs["anchor_geometry"], box_mask
+                )
+            if self.config.order_embedding == "pointer_reading":
+                assert pointer_inputs is not None  # each box's counts, weighed by what the query asks for
+                reading = self.order_reading(hidden).float()
+                ptr = ptr + torch.einsum("bkf,btf->btk", pointer_inputs["object_order"].float(), reading)
             obj = torch.full((*hidden.shape[:2], len(obj_ids)), float("-inf"), device=hidden.device)
             obj[..., :k] = ptr.float()
         else:
@@ -305,25 +317,30 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
         """Object K's key: the language model's hidden state at its token, plus with
         ``order_embedding="pointer_keys"`` its order features (``encode_objects``'s ``object_order``);
-        and with ``anchor_pointer`` the boxes' anchor keys and ``anchor_geometry``."""
+        and what the pointer's additions read per box (``PerceiverOutput.pointer_inputs``): with
+        ``anchor_pointer`` the boxes' anchor keys and ``anchor_geometry``, with
+        ``order_embedding="pointer_reading"`` their order features."""
         if self.config.index_head != "pointer":
             return None, None
         roi_pos = input_ids == self.config.roi_token_id
         object_hidden = hidden.new_zeros(*box_mask.shape, hidden.shape[-1])
         object_hidden[box_mask] = hidden[roi_pos]
         keys = self.pointer_key(object_hidden)
-        needs = {"object_order": self.config.order_embedding == "pointer_keys",
+        needs = {"object_order": self.config.order_embedding in ("pointer_keys", "pointer_reading"),
                  "object_category": self.config.anchor_pointer}  # fmt: skip
         missing = [name for name, needed in needs.items() if needed and name not in visual]
         if missing:
             raise ValueError(f"this configuration's pointer reads {missing} of encode_visual's output")
         if self.config.order_embedding == "pointer_keys":
             keys = keys + self.order_key(visual["object_order"].to(keys.dtype)) * box_mask[..., None]
-        if not self.config.anchor_pointer:
-            return keys, None
-        category = visual["object_category"].float()
-        geometry = anchor_geometry(boxes.float(), box_mask, category @ category.transpose(1, 2))
-        return keys, {"keys": self.anchor_pointer.key(object_hidden), "geometry": geometry}
+        inputs: dict[str, torch.Tensor] = {}
+        if self.config.anchor_pointer:
+            category = visual["object_category"].float()
+            inputs["anchor_keys"] = self.anchor_pointer.key(object_hidden)
+            inputs["anchor_geometry"] = anchor_geometry(boxes.float(), box_mask, category @ category.transpose(1, 2))
+        if self.config.order_embedding == "pointer_reading":
+            inputs["object_order"] = visual["object_order"]
+        return keys, inputs or None
 
     def _attention(
         self,
@@ -424,8 +441,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                         use_cache=use_cache)  # fmt: skip
         hidden = out.last_hidden_state
-        keys, anchor_inputs = self._pointer_keys(hidden, input_ids, box_mask, boxes, visual)
-        logits = self._logits(hidden, keys, box_mask, anchor_inputs)
+        keys, pointer_inputs = self._pointer_keys(hidden, input_ids, box_mask, boxes, visual)
+        logits = self._logits(hidden, keys, box_mask, pointer_inputs)
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
             if self.config.index_softmax == "vocabulary":
@@ -442,7 +459,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
                 + self.config.match_loss_weight * losses.get("match", 0.0)
                 + self.config.attribute_loss_weight * losses.get("attributes", 0.0)
             )
-        return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys, anchor_inputs)
+        return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys, pointer_inputs)
 
     def _answer_loss(
         self,
