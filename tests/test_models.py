@@ -512,12 +512,7 @@ def test_pointer_keys_carry_where_each_box_stands_among_alike_boxes(tmp_path, wo
     assert torch.allclose((keys - without)[mask], model.order_key(order)[mask], atol=1e-4)
     assert torch.equal(keys[~mask], without[~mask])
     assert torch.equal(visual["object_tokens"], _object_tokens(plain.eval(), batch))
-    with pytest.raises(ValueError, match="object_order"):
-        model(**batch, visual={k: v for k, v in visual.items() if k != "object_order"})
-    model.train()
-    model(**batch).loss.backward()
-    assert model.order_key.weight.grad.abs().sum() > 0
-    assert _reloaded(model, batch, tmp_path).order_embedding == "pointer_keys"
+    _check_the_order_layer(model, model.order_key, batch, visual, tmp_path)
 
 
 def test_a_pointer_reading_weighs_each_boxs_order_counts_by_what_the_query_asks(
@@ -558,14 +553,20 @@ def test_a_pointer_reading_weighs_each_boxs_order_counts_by_what_the_query_asks(
     assert torch.isinf(out.logits[..., obj][~present]).all()
     # the language model reads the object tokens it read without the counts
     assert torch.equal(visual["object_tokens"], plain.encode_visual(*inputs)["object_tokens"])
-    with pytest.raises(ValueError, match="object_order"):
-        model(**batch, visual={k: v for k, v in visual.items() if k != "object_order"})
     with pytest.raises(ValueError, match="pointer_reading"):
         PerceiverConfig(order_embedding="pointer_reading", index_head="vocab")
+    _check_the_order_layer(model, model.order_reading, batch, visual, tmp_path)
+
+
+def _check_the_order_layer(model, layer, batch, visual, tmp_path):
+    """Shared by the pointer's order options: a clear error without the order features, gradients
+    reaching ``layer``, and save/load at parity."""
+    with pytest.raises(ValueError, match="object_order"):
+        model(**batch, visual={k: v for k, v in visual.items() if k != "object_order"})
     model.train()
     model(**batch).loss.backward()
-    assert model.order_reading.weight.grad.abs().sum() > 0
-    assert _reloaded(model, batch, tmp_path).order_embedding == "pointer_reading"
+    assert layer.weight.grad.abs().sum() > 0
+    assert _reloaded(model, batch, tmp_path).order_embedding == model.config.order_embedding
 
 
 def test_the_anchor_pointer_adds_the_geometry_to_an_anchor_to_the_pointers_scores(
