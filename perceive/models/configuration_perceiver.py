@@ -20,6 +20,7 @@ HOLDING_ATTRIBUTES = {  # what a person holds, read from the person's own box: n
 }
 # where each box's rank among the alike boxes of its image goes (perceive.models.object_order)
 ORDER_EMBEDDINGS = ("none", "object_tokens", "pointer_keys", "pointer_reading")
+POINTER_ORDER_EMBEDDINGS = ("pointer_keys", "pointer_reading")  # those the pointer reads, from encode_visual
 
 
 class PerceiverConfig(PretrainedConfig):
@@ -191,7 +192,7 @@ class PerceiverConfig(PretrainedConfig):
             order_embedding = "object_tokens" if order_embedding else "none"
         if order_embedding not in ORDER_EMBEDDINGS:
             raise ValueError(f"order_embedding must be one of {ORDER_EMBEDDINGS}, got {order_embedding!r}")
-        if order_embedding.startswith("pointer") and index_head != "pointer":
+        if order_embedding in POINTER_ORDER_EMBEDDINGS and index_head != "pointer":
             raise ValueError(f"order_embedding={order_embedding!r} adds to the pointer: it needs index_head='pointer'")
         if anchor_pointer and index_head != "pointer":
             raise ValueError("anchor_pointer adds to the pointer's scores: it needs index_head='pointer'")

@@ -31,7 +31,7 @@ from transformers.masking_utils import create_causal_mask
 
 from perceive.boxes import multi_level_roi_align, roi_align
 from perceive.models.anchor_pointer import AnchorPointer, anchor_geometry
-from perceive.models.configuration_perceiver import HOLDING_ATTRIBUTES, PerceiverConfig
+from perceive.models.configuration_perceiver import HOLDING_ATTRIBUTES, POINTER_ORDER_EMBEDDINGS, PerceiverConfig
 from perceive.models.object_order import ORDER_FEATURES, order_features
 from perceive.models.object_relation import ObjectRelationEncoder
 
@@ -326,7 +326,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         object_hidden = hidden.new_zeros(*box_mask.shape, hidden.shape[-1])
         object_hidden[box_mask] = hidden[roi_pos]
         keys = self.pointer_key(object_hidden)
-        needs = {"object_order": self.config.order_embedding in ("pointer_keys", "pointer_reading"),
+        needs = {"object_order": self.config.order_embedding in POINTER_ORDER_EMBEDDINGS,
                  "object_category": self.config.anchor_pointer}  # fmt: skip
         missing = [name for name, needed in needs.items() if needed and name not in visual]
         if missing:
