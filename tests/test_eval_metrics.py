@@ -122,9 +122,20 @@ def test_humanref_by_hand():
     assert r.overall["P@0.5"] == pytest.approx((2 / 3 + 0 + 1) / 3)
     assert r.rejection == {"correct": 1, "total": 2, "rate": 0.5}
     assert set(r.by_count) == {"1", "2-5"}
+    assert r.counts == {"samples": 3, "domain:property": 1, "domain:position": 2, "sub_domain:property/attribute": 1,
+                        "sub_domain:position/ordinal": 2, "objects:2-5": 1, "objects:1": 2}  # fmt: skip
     js = r.to_json()
     assert set(js) == {"all", "property", "position", "rejection"}
     assert set(js["all"]) == {"R@0.5", "P@0.5", "DF1@0.5", "R@0.5:0.95", "P@0.5:0.95", "DF1@0.5:0.95"}
+
+
+def test_standard_error_bound_is_that_of_right_or_wrong_scores():
+    # four right-or-wrong scores, two right: the standard deviation 0.5 over sqrt(4)
+    assert referring.standard_error_bound(0.5, 4) == pytest.approx(0.25)
+    scores = np.array([1.0, 0.5, 0.5, 0.0, 1.0, 0.75])  # partly right scores vary less than the bound
+    assert scores.std() / np.sqrt(len(scores)) < referring.standard_error_bound(scores.mean(), len(scores))
+    assert referring.standard_error_bound(1.0, 50) == 0.0
+    assert referring.standard_error_bound(0.5, 1) is None and referring.standard_error_bound(None, 10) is None
 
 
 def test_humanref_greedy_order_is_the_reference_rule():

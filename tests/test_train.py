@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +180,24 @@ def test_benchmark_reports_every_task(smoke_run, tmp_path):
     assert set(tight) == {"instance", "part"}
     assert tight["instance"]["R@0.75"] <= report.metrics["targets"]["UPN recall instances"]["measured"]
     assert all(0.0 <= v["mean best IoU"] <= 1.0 for v in tight.values())
+    # every non-rejection expression counted once in its domain and once in its kind
+    counts = report.metrics["humanref_counts"]
+    kinds = {k.removeprefix("sub_domain:"): n for k, n in counts.items() if k.startswith("sub_domain:")}
+    assert kinds.keys() == report.metrics["humanref_by_sub_domain"].keys()
+    assert sum(kinds.values()) == counts["samples"] == sum(n for k, n in counts.items() if k.startswith("domain:"))
     benchmark.write(report, tmp_path)
     assert "targets" in (tmp_path / "benchmark.md").read_text()
+    assert "referring by kind" in (tmp_path / "benchmark.md").read_text()
     assert json.loads((tmp_path / "benchmark.json").read_text())["scenes"] == 2
+
+    # the results side by side: one column a folder, each kind with its number of expressions
+    script = Path(__file__).parents[1] / "benchmarks" / "compare_results.py"
+    r = subprocess.run([sys.executable, script, tmp_path, tmp_path, "--labels", "a", "b"],
+                       capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in r.stdout.splitlines()}
+    for kind, n in kinds.items():
+        df1 = report.metrics["humanref_by_sub_domain"][kind]["DF1@0.5"]
+        assert rows[kind].startswith(f"| {kind} | {n} | {100 * df1:.1f} | {100 * df1:.1f} |")
+    bad = subprocess.run([sys.executable, script, tmp_path / "missing"], capture_output=True, text=True, check=False)
+    assert bad.returncode != 0 and "no such file" in bad.stderr

@@ -23,7 +23,7 @@ class FormatError(ValueError):
     pass
 
 
-def _load_json(path: str | Path) -> object:
+def load_json(path: str | Path) -> object:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {p}")
@@ -89,7 +89,7 @@ def load_coco(path: str | Path):
     """A ``pycocotools.coco.COCO`` over an instances file, after checking its structure."""
     from pycocotools.coco import COCO
 
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object with images, annotations, categories")
     for key in ("images", "annotations", "categories"):
@@ -183,7 +183,7 @@ def read_refs(path: str | Path) -> list[dict]:
     p = Path(path)
     if p.suffix in (".p", ".pkl", ".pickle"):
         raise FormatError(f"{p}: pickled refs are not loaded (unpickling runs code); convert them to JSON first")
-    data = _load_json(p)
+    data = load_json(p)
     if not isinstance(data, list):
         raise FormatError(f"{p}: expected a JSON list of refs")
     for i, ref in enumerate(data):
@@ -197,7 +197,7 @@ def read_refs(path: str | Path) -> list[dict]:
 
 def read_panoptic(json_path: str | Path, png_dir: str | Path) -> Iterator[tuple[dict, np.ndarray]]:
     """Yield ``(annotation, segment id map)`` per image of a COCO panoptic set."""
-    data = _load_json(json_path)
+    data = load_json(json_path)
     if not isinstance(data, dict):
         raise FormatError(f"{json_path}: expected a JSON object")
     for i, ann in enumerate(_require(data, "annotations", list, str(json_path))):

@@ -228,6 +228,7 @@ def run(
         "humanref": ref.to_json(),
         "humanref_by_sub_domain": ref.by_sub_domain,
         "humanref_by_count": ref.by_count,
+        "humanref_counts": ref.counts,
         "region_classification": semantic,
         "caption_brief_cider_d": cider,
         "throughput": throughput,
@@ -238,6 +239,10 @@ def run(
         "instances_without_own_proposal": region_unmatched,
         "queries_per_s_in_benchmark": len(queries) / eval_seconds,
     }
+    by_kind = []
+    for kind, v in ref.by_sub_domain.items():
+        n_kind = ref.counts[f"sub_domain:{kind}"]
+        by_kind.append([kind, n_kind, v["DF1@0.5"], referring.standard_error_bound(v["DF1@0.5"], n_kind)])
     tables = [
         Table(
             "targets (held-out world scenes, the model's own UPN proposals)",
@@ -246,8 +251,13 @@ def run(
         ),
         Table(
             "referring by domain",
-            ["domain", "R@0.5", "P@0.5", "DF1@0.5"],
-            [[d, v["R@0.5"], v["P@0.5"], v["DF1@0.5"]] for d, v in ref.by_domain.items()],
+            ["domain", "n", "R@0.5", "P@0.5", "DF1@0.5"],
+            [[d, ref.counts[f"domain:{d}"], v["R@0.5"], v["P@0.5"], v["DF1@0.5"]] for d, v in ref.by_domain.items()],
+        ),
+        Table(
+            "referring by kind (n expressions each; a bound on the standard error of their mean DF1)",
+            ["kind", "n", "DF1@0.5", "standard error <="],
+            by_kind,
         ),
         Table("throughput", ["measure", "value"], [[k, f"{v:.2f}"] for k, v in throughput.items()]),
     ]

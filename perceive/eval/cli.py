@@ -79,10 +79,14 @@ def _humanref(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report,
     tables = [
         rep.Table("by domain (non-rejection samples)", ["domain", "n", *keys], rows),
         rep.Table(
-            "by sub-domain", ["sub-domain", *keys], [[d, *[v[k] for k in keys]] for d, v in r.by_sub_domain.items()]
+            "by sub-domain",
+            ["sub-domain", "n", *keys],
+            [[d, r.counts.get(f"sub_domain:{d}", 0), *[v[k] for k in keys]] for d, v in r.by_sub_domain.items()],
         ),
         rep.Table(
-            "by ground-truth count", ["objects", *keys], [[d, *[v[k] for k in keys]] for d, v in r.by_count.items()]
+            "by ground-truth count",
+            ["objects", "n", *keys],
+            [[d, r.counts.get(f"objects:{d}", 0), *[v[k] for k in keys]] for d, v in r.by_count.items()],
         ),
         rep.Table(
             "rejection",
@@ -90,7 +94,7 @@ def _humanref(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report,
             [[r.rejection["correct"], r.rejection["total"], r.rejection["rate"]]],
         ),
     ]
-    full = {**r.to_json(), "by_sub_domain": r.by_sub_domain, "by_count": r.by_count}
+    full = {**r.to_json(), "by_sub_domain": r.by_sub_domain, "by_count": r.by_count, "counts": r.counts}
     head = [k for k in keys if k.startswith(("R@0.5", "P@0.5", "DF1@0.5")) and ":" not in k] or keys
     plots = {
         "bars": {
@@ -174,11 +178,11 @@ def _res(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report, dict
 
 
 def _panoptic(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report, dict]:
-    from perceive.data.readers import _load_json, read_panoptic
+    from perceive.data.readers import load_json, read_panoptic
     from perceive.eval.panoptic import PanopticAccumulator, mean_iou, semantic_confusion
 
     _need(args, "gt-dir", "pred-dir")
-    gt_json = _load_json(args.gt)
+    gt_json = load_json(args.gt)
     categories = gt_json["categories"]  # type: ignore[index]
     acc = PanopticAccumulator(categories)
     cat_index = {c["id"]: i + 1 for i, c in enumerate(categories)}  # 0 = void

@@ -134,6 +134,7 @@ class HumanRefResult:
     by_sub_domain: dict[str, dict[str, float | None]]
     by_count: dict[str, dict[str, float | None]]
     rejection: dict[str, float]
+    # non-rejection samples: "samples", and per "domain:D", "sub_domain:D/S" and "objects:<count bucket>"
     counts: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -149,6 +150,14 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float | None]:
     if not rows:
         return dict.fromkeys(BOX_KEYS)
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def standard_error_bound(mean: float | None, n: int | None) -> float | None:
+    """An upper bound on the standard error of a mean of n scores in [0, 1]: such a score's variance
+    is at most mean * (1 - mean), the variance of a right-or-wrong score, which most of them are."""
+    if mean is None or n is None or n < 2:
+        return None
+    return float(np.sqrt(mean * (1 - mean) / n))
 
 
 def humanref(samples: Sequence, predictions: dict[str, list[list[float]]]) -> HumanRefResult:
@@ -197,7 +206,12 @@ def humanref(samples: Sequence, predictions: dict[str, list[list[float]]]) -> Hu
         by_sub_domain={k: _mean(v) for k, v in sorted(by_sub.items())},
         by_count={k: _mean(by_count[k]) for k in ("1", "2-5", "6-10", ">10") if k in by_count},
         rejection={"correct": rejection_correct, "total": rejection_total, "rate": rate},
-        counts={"samples": len(rows), **{f"domain:{k}": len(v) for k, v in by_domain.items()}},
+        counts={
+            "samples": len(rows),
+            **{f"domain:{k}": len(v) for k, v in by_domain.items()},
+            **{f"sub_domain:{k}": len(v) for k, v in by_sub.items()},
+            **{f"objects:{k}": len(v) for k, v in by_count.items()},
+        },
     )
 
 
