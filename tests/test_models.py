@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from perceive.boxes import box_iou
 from perceive.formats import chatrex
@@ -16,8 +17,9 @@ from perceive.models.object_order import order_features
 from perceive.perceiver import Perceiver
 from perceive.processing import IGNORE, ImageFrame, PerceiverProcessor
 from perceive.tokenization import detokenize
-from perceive.train.data import ATTRIBUTE_TARGETS, WorldTasks, attribute_targets
+from perceive.train.data import ATTRIBUTE_TARGETS, WorldTasks, attribute_targets, order_target
 from perceive.world.generator import WorldConfig, generate_scene
+from perceive.world.language import NounPhrase, evaluate
 from perceive.world.scene import COLORS, ITEMS
 
 WORLD = WorldConfig(size=128, person_share=0.35, max_objects=5)
@@ -597,6 +599,119 @@ def test_the_anchor_pointer_adds_the_geometry_to_an_anchor_to_the_pointers_score
     model(**batch).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.anchor_pointer.parameters())
     assert _reloaded(model, batch, tmp_path).anchor_pointer
+
+
+def test_order_targets_name_the_order_feature_an_expression_asks_for():
+    red_circle = {"kind": "shape", "noun": "circle", "color": "red"}
+    # (grouping, direction, rank) -> column of order_features: category_and_color, left, second
+    assert order_target({"form": "ordinal", "k": 2, "direction": "left", "np": red_circle}) == 21
+    assert order_target({"form": "extreme", "direction": "bottom", "np": {"kind": "person"}}) == 15
+    assert order_target({"form": "extreme", "direction": "top", "np": {"kind": "person", "shirt": "red"}}) == 30
+    assert order_target({"form": "np", "np": red_circle}) == -1
+    # no grouping counts "red objects" or "small circles"
+    assert order_target({"form": "extreme", "direction": "left", "np": {"kind": "shape", "color": "red"}}) == -1
+    small = {"kind": "shape", "noun": "circle", "size": "small"}
+    assert order_target({"form": "extreme", "direction": "left", "np": small}) == -1
+
+
+def test_pointer_targets_give_each_group_its_anchor_and_the_order_feature_only_its_answer_has(
+    world_tokenizer, micro_config
+):
+    """Against the world's own programs: a group's anchor boxes are the objects its expression's anchor
+    selects, and counted from the true categories and colours, the expression's order feature is set on
+    its answer's box and on no other box its noun phrase matches."""
+    proc = PerceiverProcessor(world_tokenizer, micro_config)
+    data = WorldTasks(proc, WorldConfig(size=128, person_share=0.35, relation_depth=2), seed=5,
+                      task_weights={"refer": 1.0})  # fmt: skip
+    anchored = ordered = 0
+    for start in range(0, 48, 4):
+        batch, items = data.batch(list(range(start, start + 4)))
+        assert batch["group_anchors"].shape == batch["group_members"].shape
+        for i, it in enumerate(items):
+            programs = it.qa.meta["programs"]
+            assert batch["group_members"][i, : len(programs)].tolist() == [
+                [k in g for k in range(batch["boxes"].shape[1])] for g in it.qa.groups
+            ]
+            labels = torch.tensor(it.attributes)[None]  # true (category, colour, ...) of each box
+            onehot = [F.one_hot(labels[..., c].clamp(min=0), n) * (labels[..., c:c + 1] >= 0) for c, n in
+                      enumerate(ATTRIBUTES.values())][:2]  # fmt: skip
+            boxes = torch.from_numpy(it.boxes)[None]
+            counts = order_features(boxes, torch.ones(1, len(it.boxes), dtype=torch.bool), *(o.float() for o in onehot))
+            for g, program in enumerate(programs):
+                anchors = torch.nonzero(batch["group_anchors"][i, g])[:, 0].tolist()
+                if "anchor" in program:
+                    want = set(evaluate(it.scene, program["anchor"]))
+                    assert anchors and {it.box_objects[k] for k in anchors} == want
+                    anchored += 1
+                else:
+                    assert anchors == []
+                target = int(batch["group_order"][i, g])
+                assert target == order_target(program)
+                if target >= 0:
+                    matches = [k for k, o in enumerate(it.box_objects)
+                               if o is not None and NounPhrase(**program["np"]).matches(it.scene.get(o))]  # fmt: skip
+                    has = [k for k in matches if counts[0, k, target] > 0.99]
+                    assert has == it.qa.groups[g] and len(matches) > 1
+                    ordered += 1
+    assert anchored >= 5 and ordered >= 5  # so the checks above ran
+
+
+def test_the_anchor_and_order_losses_teach_the_pointers_additions(world_tokenizer, micro_config):
+    with pytest.raises(ValueError, match="needs anchor_pointer"):
+        PerceiverConfig(anchor_loss_weight=0.5)
+    with pytest.raises(ValueError, match="pointer_reading"):
+        PerceiverConfig(order_loss_weight=0.5, anchor_pointer=True)
+    options = {"anchor_pointer": True, "order_embedding": "pointer_reading"}
+    proc = PerceiverProcessor(world_tokenizer, micro_config)
+    data = WorldTasks(proc, WorldConfig(size=128, person_share=0.35, relation_depth=2), seed=5,
+                      task_weights={"refer": 1.0})  # fmt: skip
+    batch, _ = data.batch([1, 8, 9, 18, 22, 28])  # expressions with anchors and with ranks among them
+    positions, anchors, targets = batch["group_positions"], batch["group_anchors"], batch["group_order"]
+    assert anchors.any(-1).sum() >= 2 and (targets >= 0).sum() >= 2
+    plain = _model(micro_config, **options)(**batch)
+    assert "anchor" not in plain.losses and "order" not in plain.losses  # off unless asked for
+    model = _model(micro_config, **options, anchor_loss_weight=0.5, order_loss_weight=0.25)
+    out = model(**batch)
+    assert torch.equal(out.logits, plain.logits)  # losses only: the answer is the same
+    weights = {"match": 1.0, "attributes": 0.5, "anchor": 0.5, "order": 0.25}
+    total = out.losses["lm"] + sum(w * out.losses[name] for name, w in weights.items())
+    assert torch.allclose(out.loss, total)
+    # by hand: at each group's <objects> token, the anchor's softmax against its boxes, the reading's
+    # against the order feature
+    with torch.no_grad():
+        visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
+        hidden = model.language_model.model(
+            inputs_embeds=model.embed(batch["input_ids"], visual["image_tokens"], visual["object_tokens"],
+                                      batch["box_mask"]),
+            attention_mask=batch["attention_mask"],
+        ).last_hidden_state  # fmt: skip
+        keys = out.pointer_inputs["anchor_keys"]
+    anchor_terms, order_terms = [], []
+    for i, g in torch.nonzero(positions >= 0).tolist():
+        h = hidden[i, positions[i, g]]
+        if anchors[i, g].any():
+            logits = (model.anchor_pointer.query(h) @ keys[i].T / math.sqrt(h.shape[-1]))[batch["box_mask"][i]]
+            logp = logits.log_softmax(-1)[anchors[i, g][batch["box_mask"][i]]]
+            anchor_terms.append(-logp.logsumexp(-1))
+        if targets[i, g] >= 0:
+            order_terms.append(-model.order_reading(h).log_softmax(-1)[targets[i, g]])
+    assert torch.allclose(out.losses["anchor"], torch.stack(anchor_terms).mean(), atol=1e-4)
+    assert torch.allclose(out.losses["order"], torch.stack(order_terms).mean(), atol=1e-4)
+    # they learn: a few steps on them alone (over the visual tokens as they are, to be quick)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(12):
+        losses = model(**batch, visual=visual).losses
+        loss = losses["anchor"] + losses["order"]
+        first = float(loss.detach()) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < 0.5 * first
+    # a batch without such expressions adds nothing
+    detect, _ = WorldTasks(proc, WORLD, seed=6, task_weights={"detect": 1.0}).batch([0, 1])
+    out = model(**detect)
+    assert float(out.losses["anchor"]) == float(out.losses["order"]) == 0.0
 
 
 @pytest.mark.parametrize(

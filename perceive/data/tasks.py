@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from perceive.formats import chatrex
-from perceive.world.language import EXPRESSION_KINDS, SceneLanguage
+from perceive.world.language import EXPRESSION_KINDS, SceneLanguage, evaluate
 from perceive.world.scene import ITEMS, PARTS, SHAPES, Scene
 
 TEMPLATES = {
@@ -113,7 +113,14 @@ def refer(
     phrases = [e.text for e in exprs]
     groups = [_indices(box_objects, e.answer) for e in exprs]
     answer = chatrex.render_groups(zip(phrases, groups, strict=True))
-    meta = {"domains": [e.domain for e in exprs], "sub_domains": [e.sub_domain for e in exprs]}
+    meta = {
+        "domains": [e.domain for e in exprs],
+        "sub_domains": [e.sub_domain for e in exprs],
+        "programs": [e.program for e in exprs],
+        # the boxes of the object each expression is about ("next to the red square"), empty without one
+        "anchors": [_indices(box_objects, evaluate(scene, e.program["anchor"])) if "anchor" in e.program else []
+                    for e in exprs],
+    }  # fmt: skip
     return QA("refer", TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(phrases)), answer, groups, phrases, meta)
 
 

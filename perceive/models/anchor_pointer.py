@@ -4,10 +4,11 @@
 Why: the pointer scores each box by its own key, so an answer that depends on where a box lies relative to
 an anchor needs the language model to carry the anchor's place into its query and compare it with each
 key's place in one dot product, and a threshold such as "entirely to the left of" is no dot product. Here
-the query also attends over the boxes to pick an anchor (softly; nothing but the answer's loss teaches it
-which), and each box's score gains a learnt reading of its geometry relative to that anchor: whether it
-lies left of, right of, above or below it, how near it is, whether boxes alike it lie between the two,
-how much of it lies inside the anchor, and whether it is the anchor itself.
+the query also attends over the boxes to pick an anchor (softly; the answer's loss teaches it which, and
+with ``anchor_loss_weight`` the expression's own anchor too), and each box's score gains a learnt reading
+of its geometry relative to that anchor: whether it lies left of, right of, above or below it, how near
+it is, whether boxes alike it lie between the two, how much of it lies inside the anchor, and whether it
+is the anchor itself.
 """
 
 from __future__ import annotations
@@ -68,13 +69,17 @@ class AnchorPointer(nn.Module):
         self.key = nn.Linear(hidden, hidden)
         self.reading = nn.Linear(hidden, ANCHOR_GEOMETRY)  # which relation the query asks for, and how much
 
+    def anchor_logits(self, hidden: torch.Tensor, anchor_keys: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T, K]`` float: how much each query state takes each box for its anchor, before the softmax;
+        padding at the float minimum, not -inf, so an image without boxes gets no NaN."""
+        logits = self.query(hidden) @ anchor_keys.transpose(1, 2) / math.sqrt(hidden.shape[-1])
+        return logits.float().masked_fill(~box_mask[:, None, :], torch.finfo(torch.float32).min)
+
     def scores(
         self, hidden: torch.Tensor, anchor_keys: torch.Tensor, geometry: torch.Tensor, box_mask: torch.Tensor
     ) -> torch.Tensor:
         """``[B, T, K]`` for query states ``hidden`` ``[B, T, H]``, the boxes' ``anchor_keys`` ``[B, K, H]``
         (``self.key`` of their hidden states) and ``anchor_geometry`` ``[B, K, K, F]``."""
-        logits = self.query(hidden) @ anchor_keys.transpose(1, 2) / math.sqrt(hidden.shape[-1])
-        # the float minimum, not -inf: an image without boxes gets no NaN (its geometry is all zero)
-        anchor = logits.float().masked_fill(~box_mask[:, None, :], torch.finfo(torch.float32).min).softmax(-1)
+        anchor = self.anchor_logits(hidden, anchor_keys, box_mask).softmax(-1)
         relative = torch.einsum("btj,bkjf->btkf", anchor, geometry.float())
         return torch.einsum("btkf,btf->btk", relative, self.reading(hidden).float())

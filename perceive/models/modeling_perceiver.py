@@ -426,12 +426,16 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         choice_stop: torch.Tensor | None = None,
         choice_used: torch.Tensor | None = None,
         attribute_labels: torch.Tensor | None = None,
+        group_anchors: torch.Tensor | None = None,
+        group_order: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
         image_index: torch.Tensor | None = None,
     ) -> PerceiverOutput:
         """``image_index``: the pixel row each prompt asks about, when prompts share images (None: one
-        image a prompt)."""
+        image a prompt). ``group_anchors`` ``[B, G, K]`` and ``group_order`` ``[B, G]``: what each group's
+        expression tells the pointer's additions (``perceive.train.data.pointer_targets``), read by the
+        anchor and order losses."""
         if visual is None:
             if pixel_low is None or pixel_high is None or rgb_high is None:
                 raise ValueError("forward needs the pixel tensors or precomputed visual tokens")
@@ -452,12 +456,21 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
                 losses["match"] = self._match_loss(logits, group_positions, group_members, box_mask)
             if attribute_labels is not None and self.config.attribute_loss_weight > 0:
                 losses["attributes"] = self._attribute_loss(visual["attribute_logits"], attribute_labels)
+            if group_positions is not None and group_anchors is not None and self.config.anchor_loss_weight > 0:
+                assert pointer_inputs is not None
+                losses["anchor"] = self._anchor_loss(
+                    hidden, group_positions, group_anchors, pointer_inputs["anchor_keys"], box_mask
+                )
+            if group_positions is not None and group_order is not None and self.config.order_loss_weight > 0:
+                losses["order"] = self._order_loss(hidden, group_positions, group_order)
         loss = None
         if losses:
             loss = (
                 losses["lm"]
                 + self.config.match_loss_weight * losses.get("match", 0.0)
                 + self.config.attribute_loss_weight * losses.get("attributes", 0.0)
+                + self.config.anchor_loss_weight * losses.get("anchor", 0.0)
+                + self.config.order_loss_weight * losses.get("order", 0.0)
             )
         return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys, pointer_inputs)
 
@@ -508,6 +521,42 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         mask = box_mask[bidx[valid]]
         bce = F.binary_cross_entropy_with_logits(obj_logits.masked_fill(~mask, 0.0), target, reduction="none")
         return (bce * mask).sum() / mask.sum().clamp(min=1)
+
+    @staticmethod
+    def _at_groups(hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The hidden states ``[N, H]`` at the ``valid`` groups' ``<objects>`` tokens (where the first index is
+        chosen), and each one's row of the batch ``[N]``."""
+        rows = torch.arange(positions.shape[0], device=hidden.device)[:, None].expand_as(positions)[valid]
+        return hidden[rows, positions[valid]], rows
+
+    def _anchor_loss(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        anchors: torch.Tensor,
+        anchor_keys: torch.Tensor,
+        box_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """At each ``<objects>`` token of an expression about another object: cross-entropy of the anchor
+        pointer's choice of anchor against that object's boxes (any of them)."""
+        valid = (positions >= 0) & (anchors & box_mask[:, None, :]).any(dim=-1)
+        if not valid.any():
+            return torch.zeros((), device=hidden.device)
+        states, rows = self._at_groups(hidden, positions, valid)
+        logits = self.anchor_pointer.anchor_logits(states[:, None], anchor_keys[rows], box_mask[rows])[:, 0]
+        wanted = logits.masked_fill(~anchors[valid], torch.finfo(torch.float32).min)
+        return (logits.logsumexp(dim=-1) - wanted.logsumexp(dim=-1)).mean()
+
+    def _order_loss(self, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """At each ``<objects>`` token of an extreme or ordinal expression: cross-entropy of the order
+        reading, as logits over the order features, against the one the expression asks for. Adding a
+        constant to every reading moves every box's score alike (each box's counts sum to a constant),
+        so the softmax loses nothing the pointer uses."""
+        valid = (positions >= 0) & (targets >= 0)
+        if not valid.any():
+            return torch.zeros((), device=hidden.device)
+        states, _ = self._at_groups(hidden, positions, valid)
+        return F.cross_entropy(self.order_reading(states).float(), targets[valid])
 
     def _attribute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         total = logits.sum() * 0

@@ -23,6 +23,7 @@ import torch
 from perceive.boxes import box_iou, match_one_to_one
 from perceive.data.tasks import TASKS, check_refer_options, make_qa
 from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES
+from perceive.models.object_order import ORDER_BINS, ORDER_DIRECTIONS, ORDER_GROUPINGS
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import SceneLanguage, describe
@@ -186,8 +187,39 @@ class WorldTasks:
         for i, it in enumerate(items):
             if it.attributes:
                 attrs[i, : len(it.attributes)] = torch.tensor(it.attributes)
-        batch.update(pixels, attribute_labels=attrs)
+        batch.update(pixels, attribute_labels=attrs, **pointer_targets(items, batch["group_positions"].shape[1], k))
         return batch, items
+
+
+def order_target(program: dict) -> int:
+    """The order feature (``perceive.models.object_order.order_features``' column) that an extreme or
+    ordinal expression asks for: "the second red circle from the left" is the box with one red circle
+    to its left. -1 for every other program, and for a noun phrase no order grouping counts by."""
+    if program["form"] not in ("extreme", "ordinal"):
+        return -1
+    np_ = program["np"]
+    if set(np_) - {"kind", "noun", "color", "shirt"} or (np_["kind"] != "person" and "noun" not in np_):
+        return -1
+    grouping = "category_and_color" if "color" in np_ or "shirt" in np_ else "category"
+    rank = program.get("k", 1) - 1
+    direction = ORDER_DIRECTIONS.index(program["direction"])
+    return (ORDER_GROUPINGS.index(grouping) * len(ORDER_DIRECTIONS) + direction) * ORDER_BINS + rank
+
+
+def pointer_targets(items: list[Item], groups: int, boxes: int) -> dict[str, torch.Tensor]:
+    """What each referring group's expression tells the pointer's additions, aligned with the collated
+    ``group_positions``: ``group_anchors`` ``[B, G, K]`` the boxes of its anchor object (none without one)
+    and ``group_order`` ``[B, G]`` its ``order_target`` (-1 without one)."""
+    anchors = torch.zeros(len(items), groups, boxes, dtype=torch.bool)
+    order = torch.full((len(items), groups), -1, dtype=torch.long)
+    for i, it in enumerate(items):
+        if not len(it.boxes):  # the coordinate format: no boxes to point at, no groups
+            continue
+        meta = getattr(it.qa, "meta", {})
+        for g, (program, anchor) in enumerate(zip(meta.get("programs", []), meta.get("anchors", []), strict=True)):
+            anchors[i, g, anchor] = True
+            order[i, g] = order_target(program)
+    return {"group_anchors": anchors, "group_order": order}
 
 
 def coordinate_answer(scene: Scene, phrases: list[str], groups: list[list[int | None]]) -> str:
