@@ -515,19 +515,19 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         valid = positions >= 0  # [B, G]
         if not valid.any():  # no group in this batch (a plain zero: logits hold -inf, and -inf * 0 is NaN)
             return torch.zeros((), device=logits.device)
-        bidx = torch.arange(positions.shape[0], device=logits.device)[:, None].expand_as(positions)
-        obj_logits = logits[bidx[valid], positions[valid]][:, obj_ids]  # [N, K]
+        at_groups, rows = self._at_groups(logits, positions, valid)
+        obj_logits = at_groups[:, obj_ids]  # [N, K]
         target = members[valid].float()
-        mask = box_mask[bidx[valid]]
+        mask = box_mask[rows]
         bce = F.binary_cross_entropy_with_logits(obj_logits.masked_fill(~mask, 0.0), target, reduction="none")
         return (bce * mask).sum() / mask.sum().clamp(min=1)
 
     @staticmethod
-    def _at_groups(hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The hidden states ``[N, H]`` at the ``valid`` groups' ``<objects>`` tokens (where the first index is
-        chosen), and each one's row of the batch ``[N]``."""
-        rows = torch.arange(positions.shape[0], device=hidden.device)[:, None].expand_as(positions)[valid]
-        return hidden[rows, positions[valid]], rows
+    def _at_groups(states: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``states`` ``[B, T, ...]`` (hidden states, logits) at the ``valid`` groups' ``<objects>`` tokens,
+        where the first index is chosen: ``[N, ...]``, and each one's row of the batch ``[N]``."""
+        rows = torch.arange(positions.shape[0], device=states.device)[:, None].expand_as(positions)[valid]
+        return states[rows, positions[valid]], rows
 
     def _anchor_loss(
         self,
