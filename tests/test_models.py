@@ -537,10 +537,7 @@ def test_a_pointer_reading_weighs_each_boxs_order_counts_by_what_the_query_asks(
         inputs = [batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")]
         visual = model.encode_visual(*inputs)
         out = model(**batch, visual=visual)
-        hidden = model.language_model.model(
-            inputs_embeds=model.embed(batch["input_ids"], visual["image_tokens"], visual["object_tokens"], mask),
-            attention_mask=batch["attention_mask"],
-        ).last_hidden_state
+        hidden = _hidden_states(model, batch, visual)
         base = plain(**batch, visual=visual).logits
     probs = visual["attribute_logits"].split(list(model.config.attribute_classes().values()), dim=-1)
     order = order_features(batch["boxes"], mask, probs[0].softmax(-1), probs[1].softmax(-1))
@@ -558,6 +555,12 @@ def test_a_pointer_reading_weighs_each_boxs_order_counts_by_what_the_query_asks(
     with pytest.raises(ValueError, match="pointer_reading"):
         PerceiverConfig(order_embedding="pointer_reading", index_head="vocab")
     _check_the_order_layer(model, model.order_reading, batch, visual, tmp_path)
+
+
+def _hidden_states(model, batch, visual):
+    """The language model's last hidden states over ``batch``'s prompts and answers, from ``visual``."""
+    embeds = model.embed(batch["input_ids"], visual["image_tokens"], visual["object_tokens"], batch["box_mask"])
+    return model.language_model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
 
 
 def _check_the_order_layer(model, layer, batch, visual, tmp_path):
@@ -680,11 +683,7 @@ def test_the_anchor_and_order_losses_teach_the_pointers_additions(world_tokenize
     # against the order feature
     with torch.no_grad():
         visual = model.encode_visual(*(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask")))
-        hidden = model.language_model.model(
-            inputs_embeds=model.embed(batch["input_ids"], visual["image_tokens"], visual["object_tokens"],
-                                      batch["box_mask"]),
-            attention_mask=batch["attention_mask"],
-        ).last_hidden_state  # fmt: skip
+        hidden = _hidden_states(model, batch, visual)
         keys = out.pointer_inputs["anchor_keys"]
     anchor_terms, order_terms = [], []
     for i, g in torch.nonzero(positions >= 0).tolist():

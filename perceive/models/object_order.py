@@ -57,3 +57,12 @@ def order_features(
     same_color = color_probs @ color_probs.transpose(1, 2)
     groups = (same_category, same_category * same_color)
     return torch.cat([count_bins(order_counts(boxes, box_mask, g)).flatten(-2) for g in groups], dim=-1)
+
+
+def order_feature_index(grouping: str, direction: str, count: int) -> int:
+    """The column of ``order_features`` that says "``count`` boxes alike by ``grouping`` lie before this one
+    from ``direction``" (the last bin for ``ORDER_BINS - 1`` or more)."""
+    bin_ = min(count, ORDER_BINS - 1)
+    return (
+        ORDER_GROUPINGS.index(grouping) * len(ORDER_DIRECTIONS) + ORDER_DIRECTIONS.index(direction)
+    ) * ORDER_BINS + bin_

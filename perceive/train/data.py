@@ -23,7 +23,7 @@ import torch
 from perceive.boxes import box_iou, match_one_to_one
 from perceive.data.tasks import TASKS, check_refer_options, make_qa
 from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES
-from perceive.models.object_order import ORDER_BINS, ORDER_DIRECTIONS, ORDER_GROUPINGS
+from perceive.models.object_order import order_feature_index
 from perceive.processing import PerceiverProcessor
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import SceneLanguage, describe
@@ -201,9 +201,7 @@ def order_target(program: dict) -> int:
     if set(np_) - {"kind", "noun", "color", "shirt"} or (np_["kind"] != "person" and "noun" not in np_):
         return -1
     grouping = "category_and_color" if "color" in np_ or "shirt" in np_ else "category"
-    rank = program.get("k", 1) - 1
-    direction = ORDER_DIRECTIONS.index(program["direction"])
-    return (ORDER_GROUPINGS.index(grouping) * len(ORDER_DIRECTIONS) + direction) * ORDER_BINS + rank
+    return order_feature_index(grouping, program["direction"], program.get("k", 1) - 1)
 
 
 def pointer_targets(items: list[Item], groups: int, boxes: int) -> dict[str, torch.Tensor]:
