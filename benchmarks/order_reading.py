@@ -32,21 +32,22 @@ def reading_by_form(folder: str, scenes: int, batch_size: int = 16) -> dict[str,
         raise SystemExit(f"{folder}: the model has no order reading (order_embedding='pointer_reading')")
     data = WorldTasks(perceiver.processor, WorldConfig(**RECIPES["tiny"].world), seed=SEED,
                       task_weights={"refer": 1.0})  # fmt: skip
+    # the readings the pointer adds, at every token ([B, T, F]; the order loss's own call reads [N, F])
+    readings: list[torch.Tensor] = []
+    model.order_reading.register_forward_hook(lambda _m, _i, out: readings.append(out) if out.dim() == 3 else None)
     peaks, spreads = defaultdict(list), defaultdict(list)
     with torch.no_grad():
         for start in range(0, scenes, batch_size):
             batch, items = data.batch(list(range(start, min(start + batch_size, scenes))))
-            pixels = (batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask"))
-            visual = model.encode_visual(*pixels)
-            embeds = model.embed(batch["input_ids"], visual["image_tokens"], visual["object_tokens"], batch["box_mask"])
-            hidden = model.language_model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+            readings.clear()
+            order = model(**batch).pointer_inputs["object_order"].float()
             for i, item in enumerate(items):
                 for g, program in enumerate(item.qa.meta["programs"]):
                     position = int(batch["group_positions"][i, g])
                     if position < 0:  # a rejection: no <objects>
                         continue
-                    reading = model.order_reading(hidden.last_hidden_state[i, position]).float()
-                    added = visual["object_order"][i].float() @ reading
+                    reading = readings[0][i, position].float()
+                    added = order[i] @ reading
                     peaks[program["form"]].append(float(reading.softmax(-1).max()))
                     spreads[program["form"]].append(float(added[batch["box_mask"][i]].std()))
     return {f: (len(peaks[f]), sum(peaks[f]) / len(peaks[f]), sum(spreads[f]) / len(spreads[f])) for f in sorted(peaks)}
