@@ -153,7 +153,9 @@ class PerceiverConfig(PretrainedConfig):
     On the recipe's seed 1 alike (ordinal 68.0 -> 88.0; negation 90.0 -> 56.3, next-to 71.8 -> 52.1;
     DF1 86.3 -> 83.3), and neither pulling the reading flat on expressions about no rank, nor detaching
     the loss's input, nor a weight of 0.05, nor a reading of its own stopped it (the README's rounds 18
-    and 19): the tiny configuration leaves both at 0.
+    and 19). Kept off everything the answer uses (a reading or a probe of its own on the detached
+    hidden state), it cost negation nothing but taught no ranks; left to the joint stage, it cost the
+    extremes and next-to (round 20): the tiny configuration leaves both at 0.
     """
 
     model_type = "perceive_retrieval"
