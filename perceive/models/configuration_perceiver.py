@@ -285,13 +285,16 @@ class PerceiverConfig(PretrainedConfig):
 
 
 TINY = {
-    # 4 x 4 image tokens: the boxes carry the objects; 8 x 8 made prompts 1.5x as long and a step 1.4x slower
+    # 4 x 4 image tokens: the boxes carry the objects; 8 x 8 made prompts 1.5x as long and a step 1.4x slower.
+    # Eager attention: at these lengths (about 110 tokens) PyTorch's CPU kernel for scaled dot-product
+    # attention is the slower in bf16 (eager: a bf16 step 1.24x faster, a float32 one as fast; train_speed.py)
     "vision_config": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-                      "patch_size": 32},
+                      "patch_size": 32, "attn_implementation": "eager"},
     "convnext_config": {"hidden_sizes": [32, 64, 128], "depths": [1, 1, 1]},
+    # the world tokenizer's size replaces vocab_size when a model is built
     "text_config": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "max_position_embeddings": 1024, "tie_word_embeddings": False,
-                    "vocab_size": 512},  # the world tokenizer's size replaces this when a model is built
+                    "vocab_size": 512, "attn_implementation": "eager"},
     # proposals under 0.1 add no recall on the world (99.2% / 99.7% either way) but double the boxes
     # and a box repeating one of the other granularity is one object twice (0.7: 275 -> 48 such, same recall)
     # box refinement makes proposals tight (instances at IoU >= 0.75: 74.0% -> 92.3%), shaped as their objects

@@ -93,8 +93,9 @@ RECIPES = {
     # sized to the 45-minute budget on 2 cores: measured UPN 8 min at 2.5 steps/s, its box refinement 4 min at
     # 3.4; the MLLM asks four questions of each scene, which makes a step 1.8x cheaper, and spends that on 1.8x
     # the steps of one question a scene (2,600 steps, 30-33 min at 1.33-1.43 steps/s in bf16): in float32 on a
-    # CPU without bf16, 4,680 steps took 64 min against 68 for the 2,600. Of two MLLM seeds on the same UPN,
-    # 1 measured better than 0 in two rounds (README, "Measured")
+    # CPU without bf16, 4,680 steps took 64 min against 68 for the 2,600. Eager attention (``TINY``) makes a bf16
+    # step faster still; spent on 1.13x the steps, it bought nothing measurable (README, "Round 21"). Of two
+    # MLLM seeds on the same UPN, 1 measured better than 0 in two rounds (README, "Measured")
     "tiny": Recipe(precision="bf16", mllm_seed=1, questions_per_scene=4,
                    stages=[Stage("alignment", 360, 1e-3, "alignment", ALIGNMENT_TASKS),
                            Stage("perception", 3150, 6e-4, "all", PERCEPTION_TASKS),
