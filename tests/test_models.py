@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from perceive.boxes import box_iou
 from perceive.formats import chatrex
 from perceive.models.anchor_pointer import ANCHOR_GEOMETRY
-from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES, PerceiverConfig, named_config
+from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES, TINY, PerceiverConfig, named_config
 from perceive.models.decoding import GrammarMasks, _index_or_stop, generate
 from perceive.models.modeling_perceiver import PerceiverForRetrieval, box_coordinates, box_position_embedding
 from perceive.models.modeling_upn import UpnConfig, UpnModel
 from perceive.models.object_order import order_features
-from perceive.perceiver import Perceiver
+from perceive.perceiver import DEFAULT_MODEL, Perceiver
 from perceive.processing import IGNORE, ImageFrame, PerceiverProcessor
 from perceive.tokenization import detokenize
 from perceive.train.data import ATTRIBUTE_TARGETS, WorldTasks, attribute_targets, order_target
@@ -920,6 +920,22 @@ def test_a_micro_model_learns(world_tokenizer, micro_config):
         opt.zero_grad()
         losses.append(out.losses["lm"].item())
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_the_shipped_checkpoint_is_the_tiny_config_and_fits_the_30_MB_cap():
+    # a change to TINY that is not retrained and shipped would leave the default model another architecture
+    shipped = PerceiverConfig.from_pretrained(DEFAULT_MODEL)
+    for key, value in TINY.items():
+        if isinstance(value, dict):
+            # sub-configs are saved as dicts; the world tokenizer's size replaces vocab_size when a model is built
+            saved = getattr(shipped, key)
+            assert {k: saved.get(k) for k in value if k != "vocab_size"} == {
+                k: v for k, v in value.items() if k != "vocab_size"
+            }, key
+        else:
+            assert getattr(shipped, key) == value, key
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert size <= 30_000_000, f"checkpoints/tiny is {size / 1e6:.1f} MB"
 
 
 def test_named_configs():

@@ -168,6 +168,19 @@ def test_info_cli():
     assert 7.5e9 < info["language model"] < 7.7e9 and info["total"] > 8e9
 
 
+def test_the_benchmark_splits_are_apart_from_each_other_and_from_training():
+    from perceive.eval.benchmark import SPLIT_SCENES, SPLIT_SEEDS, held_out_seed
+
+    test, validation = ({held_out_seed(s, SPLIT_SCENES) + i for i in range(SPLIT_SCENES)} for s in SPLIT_SEEDS)
+    assert not test & validation
+    # training's scenes: the UPN's from seed 0 up (32,000 in the tiny recipe), the MLLM's from 1 * 1,000,003 up
+    assert min(test | validation) > 100_000 and max(test | validation) < 1_000_003
+    with pytest.raises(ValueError, match="unknown split"):
+        held_out_seed("train", 10)
+    with pytest.raises(ValueError, match="1 to 5000"):
+        held_out_seed("test", SPLIT_SCENES + 1)
+
+
 def test_benchmark_reports_every_task(smoke_run, tmp_path):
     from perceive.eval import benchmark
     from perceive.perceiver import Perceiver

@@ -39,6 +39,10 @@ from perceive.world.language import describe
 from perceive.world.scene import CATEGORY_IDS, Scene
 
 HELD_OUT_SEED = 987_654
+# a second held-out set, for choosing between trained models (seeds, recipes) without fitting the test scenes.
+# Training's scenes are seeded from 0 (the UPN) and from 1,000,003 on (``WorldTasks``), so both splits lie between
+SPLIT_SEEDS = {"test": HELD_OUT_SEED, "validation": HELD_OUT_SEED + 5_000}
+SPLIT_SCENES = 5_000  # at most this many scenes per split keeps the splits apart
 TARGETS = {
     "UPN recall instances": 0.95,
     "UPN recall parts": 0.90,
@@ -52,6 +56,15 @@ TARGETS = {
 DOMAINS = ("property", "position", "interaction", "reasoning")
 
 
+def held_out_seed(split: str, n: int) -> int:
+    """The scene seed of the first of ``n`` held-out scenes of ``split`` ("test" or "validation")."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLIT_SEEDS)}")
+    if not 1 <= n <= SPLIT_SCENES:
+        raise ValueError(f"a split has 1 to {SPLIT_SCENES} scenes, got {n}")
+    return SPLIT_SEEDS[split]
+
+
 def _boxes(scene: Scene, ids: list[int]) -> list[list[float]]:
     return [list(scene.get(i).box) for i in ids]
 
@@ -63,11 +76,13 @@ def run(
     world: WorldConfig | None = None,
     progress: bool = True,
     force_phrases: bool = True,
+    split: str = "test",
 ) -> Report:
     from tqdm import tqdm
 
+    first = held_out_seed(split, n)
     cfg = world or WorldConfig(size=256, person_share=0.35, relation_depth=2)
-    scenes = [generate_scene(HELD_OUT_SEED + i, cfg) for i in range(n)]
+    scenes = [generate_scene(first + i, cfg) for i in range(n)]
     langs = [describe(s, cfg) for s in scenes]
     proposals = [perceiver.propose(s.image) for s in scenes]
 
@@ -262,7 +277,7 @@ def run(
         Table("throughput", ["measure", "value"], [[k, f"{v:.2f}"] for k, v in throughput.items()]),
     ]
     notes = [
-        f"{n} scenes (seed {HELD_OUT_SEED}+), {len(queries)} queries; COCO AP of detection {ap['AP']:.3f}; "
+        f"{n} {split} scenes (seed {first}+), {len(queries)} queries; COCO AP of detection {ap['AP']:.3f}; "
         f"UPN recall@0.75 instances {tightness['instance']['R@0.75']:.3f}, parts {tightness['part']['R@0.75']:.3f}; "
         f"grounding phrases written by the {'decoder' if force_phrases else 'model'}; region classification "
         f"SS {semantic['SS']:.3f}, S-IoU {semantic['S-IoU']:.3f}; brief caption CIDEr-D {cider:.3f}",

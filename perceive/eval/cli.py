@@ -339,13 +339,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.suite != "world":
         raise CliError(f"unknown suite {args.suite!r}; known: world")
-    if args.n < 1:
-        raise CliError(f"--n must be >= 1, got {args.n}")
+    if not 1 <= args.n <= benchmark.SPLIT_SCENES:
+        raise CliError(f"--n must be 1 to {benchmark.SPLIT_SCENES}, got {args.n}")
     try:
         perceiver = Perceiver.from_pretrained(args.model)
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
-    report = benchmark.run(perceiver, n=args.n, progress=not args.quiet)
+    report = benchmark.run(perceiver, n=args.n, progress=not args.quiet, split=args.split)
     if args.out:
         benchmark.write(report, args.out)
     if args.json:
@@ -361,6 +361,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
     b.add_argument("--suite", default="world")
     b.add_argument("--n", type=int, default=100, help="number of held-out scenes")
+    b.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="which held-out scenes: choose between models on validation, report on test")  # fmt: skip
     b.add_argument("--out", help="write benchmark.json and benchmark.md here")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quiet", action="store_true")
