@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--train-log", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--split", choices=("test", "validation"), default="test",
+    ap.add_argument("--split", choices=tuple(benchmark.SPLIT_SEEDS), default="test",
                     help="held-out scenes to measure on; choose between models on validation")  # fmt: skip
     ap.add_argument("--free-phrases", action="store_true", help="the model writes the asked phrases itself too")
     ap.add_argument("--without-order-reading", action="store_true", help="the order reading adds nothing (ablation)")
