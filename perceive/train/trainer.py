@@ -94,10 +94,10 @@ RECIPES = {
     # 3.4; the MLLM asks four questions of each scene, which makes a step 1.8x cheaper, and spends that on 1.8x
     # the steps of one question a scene (2,600 steps, 30-33 min at 1.33-1.43 steps/s in bf16): in float32 on a
     # CPU without bf16, 4,680 steps took 64 min against 68 for the 2,600. Eager attention (``TINY``) makes a bf16
-    # step 1.24x faster, spent on ``TINY``'s fifth LM layer and 1.13x the steps (5,270: 26-28.5 min at 3.1-3.3
-    # steps/s); that layer alone lost negation, which drawing it twice as often restored. Of four MLLM seeds, 0
-    # scored best on the benchmark's validation scenes (referring DF1 87.5, against 86.0 / 83.8 / 81.6 for seeds
-    # 1-3 and 83.5 for the model before; README, "Round 22")
+    # step 1.24x faster, spent on ``TINY``'s fifth LM layer and 1.13x the steps (5,270: 26-29.5 min at 3.0-3.3
+    # steps/s); that layer alone lost negation, which drawing it twice as often restored. Of five MLLM seeds, 0
+    # scored best on the benchmark's validation scenes (referring DF1 87.5, against 86.0 / 83.8 / 81.6 / 84.1 for
+    # seeds 1-4 and 83.5 for the model before; README, "Round 22")
     "tiny": Recipe(precision="bf16", mllm_seed=0, questions_per_scene=4, refer_weights={"reasoning/negation": 2.0},
                    stages=[Stage("alignment", 400, 1e-3, "alignment", ALIGNMENT_TASKS),
                            Stage("perception", 3550, 6e-4, "all", PERCEPTION_TASKS),
