@@ -51,12 +51,7 @@ def main() -> None:
     rows = []
     built = {}  # questions a scene -> its batches, which the attention table reuses
     for k in args.questions:
-        data = WorldTasks(processor, WorldConfig(**recipe.world), seed=5, task_weights=PERCEPTION_TASKS, upn=upn,
-                          questions_per_scene=k)  # fmt: skip
-        batches = [data.batch(list(range(b)))[0]]  # the first batch and step warm caches and allocators
-        t0 = time.perf_counter()
-        batches += [data.batch(list(range(step * b, (step + 1) * b)))[0] for step in range(1, args.steps + 1)]
-        t_batch = time.perf_counter() - t0
+        batches, t_batch = _perception_batches(processor, recipe, upn, k, args.steps)
         built[k] = batches
         rows.append((k, t_batch / args.steps, _model_seconds(model, optimizer, batches, dtype) / args.steps))
 
@@ -72,9 +67,7 @@ def main() -> None:
 
     batches = built.get(recipe.questions_per_scene)
     if batches is None:
-        data = WorldTasks(processor, WorldConfig(**recipe.world), seed=5, task_weights=PERCEPTION_TASKS, upn=upn,
-                          questions_per_scene=recipe.questions_per_scene)  # fmt: skip
-        batches = [data.batch(list(range(step * b, (step + 1) * b)))[0] for step in range(args.steps + 1)]
+        batches = _perception_batches(processor, recipe, upn, recipe.questions_per_scene, args.steps)[0]
     precisions = [("bf16", dtype), ("float32", None)] if dtype is not None else [("float32", None)]
     times = {}
     for name in args.attention:
@@ -93,6 +86,17 @@ def main() -> None:
         cells = [f"{times[name, label]:.3f} | {times[args.attention[0], label] / times[name, label]:.2f}x"
                  for label, _ in precisions]  # fmt: skip
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _perception_batches(processor, recipe, upn, questions_per_scene: int, steps: int) -> tuple[list, float]:
+    """A warm-up batch and ``steps`` more of the perception stage, and the seconds the ``steps`` took to build."""
+    data = WorldTasks(processor, WorldConfig(**recipe.world), seed=5, task_weights=PERCEPTION_TASKS, upn=upn,
+                      questions_per_scene=questions_per_scene)  # fmt: skip
+    b = recipe.batch_size
+    batches = [data.batch(list(range(b)))[0]]  # the first batch and step warm caches and allocators
+    t0 = time.perf_counter()
+    batches += [data.batch(list(range(step * b, (step + 1) * b)))[0] for step in range(1, steps + 1)]
+    return batches, time.perf_counter() - t0
 
 
 def _model_seconds(model, optimizer, batches, dtype) -> float:

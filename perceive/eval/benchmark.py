@@ -41,8 +41,8 @@ from perceive.world.scene import CATEGORY_IDS, Scene
 HELD_OUT_SEED = 987_654
 # a second held-out set, for choosing between trained models (seeds, recipes) without fitting the test scenes.
 # Training's scenes are seeded from 0 (the UPN) and from 1,000,003 on (``WorldTasks``), so both splits lie between
-SPLIT_SEEDS = {"test": HELD_OUT_SEED, "validation": HELD_OUT_SEED + 5_000}
-SPLIT_SCENES = 5_000  # at most this many scenes per split keeps the splits apart
+SPLIT_SCENES = 5_000  # scenes a split can have: the validation split starts where the test split's last ends
+SPLIT_SEEDS = {"test": HELD_OUT_SEED, "validation": HELD_OUT_SEED + SPLIT_SCENES}
 TARGETS = {
     "UPN recall instances": 0.95,
     "UPN recall parts": 0.90,

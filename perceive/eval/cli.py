@@ -339,8 +339,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.suite != "world":
         raise CliError(f"unknown suite {args.suite!r}; known: world")
-    if not 1 <= args.n <= benchmark.SPLIT_SCENES:
-        raise CliError(f"--n must be 1 to {benchmark.SPLIT_SCENES}, got {args.n}")
+    try:  # checked before the model loads
+        benchmark.held_out_seed(args.split, args.n)
+    except ValueError as e:
+        raise CliError(f"--n: {e}") from None
     try:
         perceiver = Perceiver.from_pretrained(args.model)
     except FileNotFoundError as e:
