@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from perceive.perceiver import Perceiver
+from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
 from perceive.train.data import WorldTasks
 from perceive.train.trainer import RECIPES
 from perceive.world.generator import WorldConfig
@@ -26,7 +26,7 @@ SEED = 4242  # scene numbers (seed x 1,000,003 + index) far from the training st
 
 def reading_by_form(folder: str, scenes: int, batch_size: int = 16) -> dict[str, tuple[int, float, float]]:
     """``{form: (expressions, mean peak probability, mean score spread)}`` over ``scenes`` world scenes."""
-    perceiver = Perceiver.from_pretrained(folder)
+    perceiver = ChatRexPerceiver.from_pretrained(folder)
     model = perceiver.model
     if getattr(model.config, "order_embedding", None) != "pointer_reading":
         raise SystemExit(f"{folder}: the model has no order reading (order_embedding='pointer_reading')")
@@ -55,7 +55,7 @@ def reading_by_form(folder: str, scenes: int, batch_size: int = 16) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="model folders (Perceiver.from_pretrained)")
+    parser.add_argument("models", nargs="+", help="model folders (ChatRexPerceiver.from_pretrained)")
     parser.add_argument("--scenes", type=int, default=96)
     args = parser.parse_args()
     tables = [reading_by_form(m, args.scenes) for m in args.models]

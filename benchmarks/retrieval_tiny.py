@@ -21,7 +21,7 @@ import torch
 
 from perceive.eval import benchmark
 from perceive.eval.report import markdown
-from perceive.perceiver import Perceiver
+from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
 
 
 def training_speed(log: Path) -> str:
@@ -34,7 +34,7 @@ def training_speed(log: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def without_order_reading(perceiver: Perceiver) -> None:
+def without_order_reading(perceiver: ChatRexPerceiver) -> None:
     """The order reading outputs zeros: each box's score keeps its pointer and anchor terms only."""
     model = perceiver.model
     if getattr(model.config, "order_embedding", None) != "pointer_reading":
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--free-phrases", action="store_true", help="the model writes the asked phrases itself too")
     ap.add_argument("--without-order-reading", action="store_true", help="the order reading adds nothing (ablation)")
     args = ap.parse_args()
-    perceiver = Perceiver.from_pretrained(args.model)
+    perceiver = ChatRexPerceiver.from_pretrained(args.model)
     if args.without_order_reading:
         without_order_reading(perceiver)
     report = benchmark.run(perceiver, n=args.n, progress=False, force_phrases=not args.free_phrases,

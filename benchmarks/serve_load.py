@@ -22,7 +22,7 @@ import httpx
 import uvicorn
 from PIL import Image
 
-from perceive.perceiver import Perceiver
+from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
 from perceive.serve.app import Limits, create_app
 from perceive.world.generator import WorldConfig, generate_scene
 
@@ -44,7 +44,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(Perceiver.from_pretrained(args.model), Limits(queue_size=64, timeout_s=600))
+    app = create_app(ChatRexPerceiver.from_pretrained(args.model), Limits(queue_size=64, timeout_s=600))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from perceive.models.modeling_upn import UpnModel
-from perceive.processing import PerceiverProcessor
+from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
+from perceive.models.upn.modeling_upn import UpnModel
 from perceive.tokenization import build_world_tokenizer
 from perceive.train.data import WorldTasks
 from perceive.train.trainer import PERCEPTION_TASKS, RECIPES, autocast_dtype, build_model
@@ -42,8 +42,8 @@ def main() -> None:
         dtype = autocast_dtype(recipe.precision)
     tokenizer = build_world_tokenizer()
     torch.manual_seed(0)
-    model = build_model(recipe.model, tokenizer)
-    processor = PerceiverProcessor(tokenizer, model.config)
+    model = build_model(recipe.model, tokenizer, **recipe.model_options())
+    processor = ChatRexProcessor(tokenizer, model.config)
     upn = UpnModel.from_pretrained(args.upn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b = recipe.batch_size
@@ -73,8 +73,8 @@ def main() -> None:
     for name in args.attention:
         for label, autocast in precisions:
             torch.manual_seed(0)
-            model = build_model(recipe.model, tokenizer)
-            for module in (model.vit, model.language_model):  # the transformers models that attend
+            model = build_model(recipe.model, tokenizer, **recipe.model_options())
+            for module in (model.vision.vit, model.language_model):  # the transformers models that attend
                 module.set_attn_implementation(name)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             times[name, label] = _model_seconds(model, optimizer, batches, autocast) / args.steps

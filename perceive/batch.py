@@ -1,7 +1,8 @@
 """``perceive ask --images FOLDER_OR_JSONL --question "..." --out OUT``: many images, resumable.
 
 Inputs: a folder (its image files, sorted by name) or a JSONL file of ``{"image": path, "question"?:
-str, "id"?: str}`` (relative paths are relative to the JSONL file). Outputs in ``OUT``:
+str, "id"?: str, "boxes"?: [[x0, y0, x1, y1], ...]}`` (relative paths are relative to the JSONL file;
+``boxes`` are the image's own boxes, which the model chooses among instead of its proposals). Outputs in ``OUT``:
 ``results.jsonl`` (one line per image: its id, image, question and the ``ask --json`` answer, or an
 ``error``), ``coco_results.json`` (objects whose phrase names a world category, with their
 confidence as score) and, with ``draw``, ``annotated/<id>.png``. Lines are appended as answers come,
@@ -14,12 +15,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from perceive.boxes import check_pixel_boxes
 from perceive.data.readers import iter_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def list_inputs(source: str | Path, question: str | None) -> list[dict]:
+def list_inputs(source: str | Path, question: str | None, boxes: list | None = None) -> list[dict]:
+    """One item per image: ``id``, ``image``, ``question`` and, where given (in the line, else ``boxes`` for
+    every image), ``boxes``."""
     src = Path(source)
     if src.is_dir():
         files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -27,7 +31,8 @@ def list_inputs(source: str | Path, question: str | None) -> list[dict]:
             raise FileNotFoundError(f"no image files in {src}")
         if question is None:
             raise ValueError("--question is required with a folder of images")
-        return [{"id": p.stem, "image": str(p), "question": question} for p in files]
+        shared = {} if boxes is None else {"boxes": boxes}
+        return [{"id": p.stem, "image": str(p), "question": question, **shared} for p in files]
     if not src.is_file():
         raise FileNotFoundError(f"no such folder or JSONL file: {src}")
     items = []
@@ -38,13 +43,12 @@ def list_inputs(source: str | Path, question: str | None) -> list[dict]:
         if not isinstance(q, str) or not q:
             raise ValueError(f"{src}:{lineno}: no question (give one in the line or with --question)")
         path = Path(rec["image"])
-        items.append(
-            {
-                "id": str(rec.get("id", path.stem)),
-                "image": str(path if path.is_absolute() else src.parent / path),
-                "question": q,
-            }
-        )
+        item = {"id": str(rec.get("id", path.stem)), "image": str(path if path.is_absolute() else src.parent / path),
+                "question": q}  # fmt: skip
+        own = rec.get("boxes", boxes)
+        if own is not None:
+            item["boxes"] = check_pixel_boxes(own, f"{src}:{lineno}: boxes").tolist()
+        items.append(item)
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{src}: ids repeat; give each line a unique 'id'")
@@ -59,13 +63,14 @@ def run(
     draw: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    boxes: list | None = None,
 ) -> dict:
     from tqdm import tqdm
 
     from perceive.images import ImageError, load_image
     from perceive.world.scene import CATEGORY_IDS
 
-    items = list_inputs(source, question)
+    items = list_inputs(source, question, boxes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -91,7 +96,8 @@ def run(
                 except ImageError as e:
                     f.write(json.dumps({**it, "error": str(e)}) + "\n")
             if good:
-                answers = perceiver.ask_batch(arrays, [it["question"] for it in good])
+                answers = perceiver.ask_batch(arrays, [it["question"] for it in good],
+                                              boxes=[it.get("boxes") for it in good])  # fmt: skip
                 for it, arr, ans in zip(good, arrays, answers, strict=True):
                     f.write(json.dumps({**it, **ans.to_json()}) + "\n")
                     if draw:

@@ -312,9 +312,11 @@ def roi_align(
     or a list of ``N`` per-image ``[K_i, 4]`` tensors, in input-image coordinates that ``spatial_scale``
     maps onto the feature map. Each output bin averages ``gh x gw`` bilinear samples taken at the centres
     of a regular sub-grid, where ``gh = sampling_ratio`` or, when it is <= 0, ``ceil(roi_height / out_h)``
-    (per RoI, as torchvision does). ``aligned=True`` shifts boxes by -0.5 pixel so that a box's edges
-    sit on pixel edges (Detectron2's fix); with ``aligned=False`` RoIs are at least 1x1. Samples more
-    than one pixel outside the map are zero; those within one pixel are clamped to the border.
+    (per RoI, as torchvision does; a RoI whose grid is then 0 along a side pools to 0). ``aligned=True``
+    shifts boxes by -0.5 pixel so that a box's edges sit on pixel edges (Detectron2's fix); with
+    ``aligned=False`` RoIs are at least 1x1, so only aligned RoIs of zero or negative size have an
+    empty grid. Samples more than one pixel outside the map are zero; those within one pixel are
+    clamped to the border.
     Returns ``[K, C, out_h, out_w]``, differentiable with respect to ``input``.
     """
     if input.ndim != 4:
@@ -348,8 +350,10 @@ def roi_align(
         grid_h = torch.full((k,), sampling_ratio, dtype=torch.long)
         grid_w = grid_h.clone()
     else:
-        grid_h = torch.ceil(roi_h / out_h).long().clamp(min=1).cpu()
-        grid_w = torch.ceil(roi_w / out_w).long().clamp(min=1).cpu()
+        # No clamp to 1: torchvision's loops run zero times on a zero (or negative) grid and its
+        # count is max(gh * gw, 1), so a zero-width or zero-height aligned RoI pools to 0.
+        grid_h = torch.ceil(roi_h / out_h).long().clamp(min=0).cpu()
+        grid_w = torch.ceil(roi_w / out_w).long().clamp(min=0).cpu()
 
     # RoIs are grouped by sub-grid size; each group is one grid_sample call over every image, the
     # RoIs of an image side by side in its output rows (one call instead of one per image: a
@@ -357,6 +361,8 @@ def roi_align(
     keys = torch.stack([grid_h, grid_w], dim=1)
     for key in torch.unique(keys, dim=0):
         gh, gw = (int(v) for v in key)
+        if gh == 0 or gw == 0:
+            continue  # an empty sub-grid: the output stays 0
         sel = torch.nonzero((keys == key).all(dim=1), as_tuple=True)[0].to(input.device)
         iy = (
             torch.arange(out_h, device=input.device, dtype=input.dtype)[:, None] * gh
@@ -431,3 +437,21 @@ def multi_level_roi_align(
     if reduce == "mean":
         return stacked.mean(dim=1)
     raise ValueError(f"unknown reduce {reduce!r}; expected 'mean', 'concat' or 'none'")
+
+
+def check_pixel_boxes(boxes, where: str = "boxes") -> np.ndarray:
+    """User-given xyxy boxes as ``[N, 4]`` float64 (one flat box too), after refusing what is not: a wrong
+    shape, a value that is not a finite number, x1 < x0 or y1 < y0."""
+    try:
+        b = np.asarray(boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a list of [x0, y0, x1, y1] numbers") from None
+    if b.size == 0:
+        return b.reshape(0, 4)
+    if b.shape == (4,):  # one box given flat
+        b = b[None]
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"{where} must be a list of [x0, y0, x1, y1] boxes, got shape {list(b.shape)}")
+    if not np.isfinite(b).all() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
+        raise ValueError(f"{where} must be finite [x0, y0, x1, y1] with x1 >= x0 and y1 >= y0")
+    return b

@@ -1,36 +1,14 @@
-"""The ``perceive`` command. Each subcommand is a plain function taking the parsed arguments."""
+"""The ``perceive`` command: the parser, assembled from ``perceive.commands`` (a module per subcommand, each a
+plain function taking the parsed arguments)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1, no traceback."""
-
-
-def cmd_parse(args: argparse.Namespace) -> int:
-    from perceive.formats import chatrex, coords, mvp, refvlm
-
-    text = sys.stdin.read()
-    if args.format == "chatrex":
-        result = chatrex.parse(text, args.num_boxes).to_json()
-    elif args.format == "refvlm":
-        result = refvlm.parse(text).to_json()
-    elif args.format == "mvp":
-        r = mvp.parse_response(text)
-        result = {"caption": r.caption, "per_offset": r.per_offset, "problems": list(r.problems)}
-    elif args.format == "coords":
-        result = coords.parse(text, units=args.units).to_json()
-    else:  # "qwen-json"
-        result = coords.parse_json(text).to_json()
-    json.dump(result, sys.stdout, ensure_ascii=False)
-    sys.stdout.write("\n")
-    return 0
+from perceive.commands import CliError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,40 +18,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from perceive.commands import ask, benchmark, compare, demo, eval, info, parse, serve, train, world
+
     parser = _Parser(prog="perceive", description="Perception MLLMs on CPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("parse", help="parse model output text read on stdin; print JSON")
-    p.add_argument("--format", required=True, choices=["chatrex", "refvlm", "mvp", "coords", "qwen-json"])
-    p.add_argument(
-        "--num-boxes",
-        type=_positive_int,
-        default=None,
-        help="number of input boxes (chatrex): larger indices are reported as problems",
-    )
-    p.add_argument("--units", choices=["pixels", "bins"], default="pixels", help="coordinate units (coords)")
-    p.set_defaults(func=cmd_parse)
-
-    from perceive import demo
-    from perceive.eval import cli as eval_cli
-    from perceive.models import cli as model_cli
-    from perceive.world import cli as world_cli
-
-    world_cli.add_commands(sub)
-    eval_cli.add_commands(sub)
-    model_cli.add_commands(sub)
-    demo.add_commands(sub)
+    for command in (parse, world, eval, benchmark, compare, serve, train, ask, info, demo):
+        command.add_parser(sub)
     return parser
 
 
@@ -95,7 +46,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the imported module so that ``CliError`` is the one the subcommands raise.
-    from perceive.cli import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(main())

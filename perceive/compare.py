@@ -28,13 +28,14 @@ import torch
 
 from perceive.eval.detection import match_one_to_one
 from perceive.formats import chatrex, coords
-from perceive.models.configuration_perceiver import PerceiverConfig
-from perceive.models.decoding import generate
-from perceive.models.modeling_perceiver import PerceiverForRetrieval
-from perceive.perceiver import Perceiver
-from perceive.processing import PerceiverProcessor
+from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
+from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
+from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
+from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
+from perceive.models.generation import Generated, generate
+from perceive.models.grammar_chatrex import ChatRexGrammar
 from perceive.tokenization import build_world_tokenizer, detokenize, load_tokenizer, world_vocabulary
-from perceive.train.data import WorldTasks
+from perceive.train.data import WorldTasks, world_model_options
 from perceive.train.trainer import Distributed, _loop, build_model
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import describe
@@ -85,20 +86,20 @@ def numbers_tokenizer(out: Path):
 
 def train_pair(
     cfg: CompareConfig, out: Path, upn, model_factory: Callable | None = None, progress: bool = True
-) -> dict[str, PerceiverForRetrieval]:
+) -> dict[str, ChatRexForConditionalGeneration]:
     """Train (or resume, or load) both models for ``cfg.steps`` steps on the same scenes."""
     tok = numbers_tokenizer(out)
-    factory = model_factory or (lambda t: build_model("tiny", t))
+    factory = model_factory or (lambda t: build_model("tiny", t, **world_model_options()))
     world = WorldConfig(**cfg.world)
     models = {}
     for fmt in FORMATS:
         final = out / fmt
         if (final / "model.safetensors").is_file():
-            models[fmt] = PerceiverForRetrieval.from_pretrained(str(final))
+            models[fmt] = ChatRexForConditionalGeneration.from_pretrained(str(final))
             continue
         torch.manual_seed(cfg.seed)
         model = factory(tok)
-        processor = PerceiverProcessor(tok, cast(PerceiverConfig, model.config))
+        processor = ChatRexProcessor(tok, cast(ChatRexConfig, model.config))
         data = WorldTasks(
             processor,
             world,
@@ -125,12 +126,21 @@ def train_pair(
     return models
 
 
+def _decode(model: ChatRexForConditionalGeneration, batch: dict, tok, **options) -> list[Generated]:
+    """Greedy answers of either format through the same KV-cached loop (the retrieval grammar where constrained)."""
+    grammar = ChatRexGrammar(tok, model.config.text().vocab_size)
+    samples = [{"num_boxes": int(n)} for n in batch["box_mask"].sum(dim=1).tolist()]
+    return generate(model.begin_decoding(batch), grammar, samples, **options)
+
+
 def _coordinate_boxes(text: str, size: int) -> list[list[float]]:
     parsed = coords.parse(text, units="bins")
     return [list(coords.dequantize(b.box, (size, size))) for b in parsed.boxes]
 
 
-def evaluate(models: dict[str, PerceiverForRetrieval], tok, upn, cfg: CompareConfig, progress: bool = True) -> dict:
+def evaluate(
+    models: dict[str, ChatRexForConditionalGeneration], tok, upn, cfg: CompareConfig, progress: bool = True
+) -> dict:
     """Per format and answer-size bucket: P@0.5, R@0.5, exact-set accuracy, question count."""
     from tqdm import tqdm
 
@@ -144,12 +154,12 @@ def evaluate(models: dict[str, PerceiverForRetrieval], tok, upn, cfg: CompareCon
                 questions.append((i, e.text, [list(s.get(o).box) for o in e.answer]))
         for cat in sorted({o.category for o in s.instances}):
             questions.append((i, cat, [list(o.box) for o in s.instances if o.category == cat]))
-    from perceive.data.tasks import TEMPLATES
+    from perceive.data.templates import CHATREX_TEMPLATES
 
-    prompts = [TEMPLATES["detect"].format(obj=p) for _, p, _ in questions]
+    prompts = [CHATREX_TEMPLATES["detect"].format(obj=p) for _, p, _ in questions]
     preds: dict[str, list[list[list[float]]]] = {fmt: [] for fmt in FORMATS}
-    retrieval = Perceiver(models["indices"], upn, tok)
-    coord_proc = PerceiverProcessor(tok, cast(PerceiverConfig, models["coordinates"].config))
+    retrieval = ChatRexPerceiver(models["indices"], upn, tok)
+    coord_proc = ChatRexProcessor(tok, cast(ChatRexConfig, models["coordinates"].config))
     bar = tqdm(total=2 * len(questions), desc="compare", disable=not progress)
     for j in range(0, len(questions), 16):
         part = list(range(j, min(j + 16, len(questions))))
@@ -160,7 +170,7 @@ def evaluate(models: dict[str, PerceiverForRetrieval], tok, upn, cfg: CompareCon
             [coord_proc.example(prompts[k], 0) for k in part], [np.zeros((0, 4))] * len(part), pad_left=True
         )
         batch.update(coord_proc.images([scenes[questions[k][0]].image for k in part])[0])
-        gen = generate(models["coordinates"].eval(), batch, tok, max_new_tokens=9 * 24 + 8, constrained=False)
+        gen = _decode(models["coordinates"].eval(), batch, tok, max_new_tokens=9 * 24 + 8, constrained=False)
         preds["coordinates"] += [
             _coordinate_boxes(detokenize(tok.convert_ids_to_tokens(g.token_ids)), world.size) for g in gen
         ]
@@ -191,7 +201,7 @@ def evaluate(models: dict[str, PerceiverForRetrieval], tok, upn, cfg: CompareCon
 
 @torch.no_grad()
 def decode_cost(
-    models: dict[str, PerceiverForRetrieval],
+    models: dict[str, ChatRexForConditionalGeneration],
     tok,
     objects: tuple[int, ...] = (1, 5, 20, 50),
     batch_sizes: tuple[int, ...] = (1, 16),
@@ -206,7 +216,7 @@ def decode_cost(
     boxes = np.concatenate([corner, corner + rng.uniform(0.05, 0.5, (n_boxes, 2))], axis=1)  # normalised xyxy
     for fmt in FORMATS:
         model = models[fmt].eval()
-        proc = PerceiverProcessor(tok, cast(PerceiverConfig, model.config))
+        proc = ChatRexProcessor(tok, cast(ChatRexConfig, model.config))
         k = n_boxes if fmt == "indices" else 0
         for n in objects:
             if fmt == "indices":
@@ -218,10 +228,10 @@ def decode_cost(
             for bs in batch_sizes:
                 batch = proc.collate([proc.example("please detect circle", k)] * bs, [boxes[:k]] * bs, pad_left=True)
                 batch.update(proc.images([scene.image] * bs)[0])
-                generate(model, batch, tok, max_new_tokens=len(forced) + 1, forced=[forced] * bs)  # warm-up
+                _decode(model, batch, tok, max_new_tokens=len(forced) + 1, forced=[forced] * bs)  # warm-up
                 t0 = time.perf_counter()
                 for _ in range(repeats):
-                    generate(model, batch, tok, max_new_tokens=len(forced) + 1, forced=[forced] * bs)
+                    _decode(model, batch, tok, max_new_tokens=len(forced) + 1, forced=[forced] * bs)
                 per_q = (time.perf_counter() - t0) / repeats / bs
                 rows.append(
                     {

@@ -1,11 +1,8 @@
-"""``perceive demo``, the main job: a trained model answering questions about fresh world scenes,
-with annotated pictures and a short report; and a contact sheet of the world with its language."""
+"""The main job (``perceive demo``): a trained model answering questions about fresh world scenes, with
+annotated pictures and a short report; and a contact sheet of the world with its language."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 from perceive.world.generator import WorldConfig
@@ -36,24 +33,24 @@ def world_part(out: Path, scenes: int, size: int) -> list[str]:
 
 def model_part(out: Path, model: str | None, scenes: int, size: int) -> list[str]:
     """A trained model asked every kind of question about fresh scenes; pictures of its answers."""
-    from perceive.data.tasks import TEMPLATES
-    from perceive.perceiver import Perceiver
+    from perceive.data.templates import CHATREX_TEMPLATES
+    from perceive.perceiver import load
     from perceive.world.generator import generate_scene
     from perceive.world.language import describe
 
-    perceiver = Perceiver.from_pretrained(model)
+    perceiver = load(model)
     cfg = WorldConfig(size=size, person_share=0.4, relation_depth=2)
     report = ["## The model's answers", ""]
     for seed in range(scenes):
         scene = generate_scene(DEMO_SEED + 1000 + seed, cfg)
         lang = describe(scene, cfg)
         cats = sorted({o.category for o in scene.instances})[:3]
-        questions = [TEMPLATES["detect"].format(obj="; ".join(cats))]
-        questions += [TEMPLATES["detect"].format(obj=e.text) for e in lang.expressions[:3]]
+        questions = [CHATREX_TEMPLATES["detect"].format(obj="; ".join(cats))]
+        questions += [CHATREX_TEMPLATES["detect"].format(obj=e.text) for e in lang.expressions[:3]]
         counts = [q for q in lang.questions if q.kind == "count"][:1]
-        questions += [TEMPLATES["count"].format(obj=q.question.removeprefix("How many ").removesuffix(" are there?"))
-                      for q in counts]  # fmt: skip
-        questions.append(TEMPLATES["caption_brief"])
+        phrases = [q.question.removeprefix("How many ").removesuffix(" are there?") for q in counts]
+        questions += [CHATREX_TEMPLATES["count"].format(obj=phrase) for phrase in phrases]
+        questions.append(CHATREX_TEMPLATES["caption_brief"])
         truths = ["", *[f"{len(e.answer)} object(s)" for e in lang.expressions[:3]],
                   *[q.answer for q in counts], ""]  # fmt: skip
         report += [f"### scene {seed}", ""]
@@ -64,35 +61,3 @@ def model_part(out: Path, model: str | None, scenes: int, size: int) -> list[str
             report += [f"**Q:** {q}", "", f"**A:** `{ans.text}`" + (f" (truth: {truth})" if truth else ""), "",
                        f"![answer]({name})", ""]  # fmt: skip
     return report
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from perceive.perceiver import DEFAULT_MODEL
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = ["# perceive demo", ""]
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
-    has_model = (model_dir / "model.safetensors").is_file()
-    if has_model:
-        report += model_part(out, str(model_dir), args.questions_scenes, args.size)
-    else:
-        report += [f"No trained model at {model_dir}: train one with `perceive train --config tiny --out DIR`.", ""]
-    report += world_part(out, args.scenes, args.size)
-    (out / "README.md").write_text("\n".join(report) + "\n")
-    print(f"wrote {out / 'README.md'} with {'answers, pictures and ' if has_model else ''}a world contact sheet")
-    if args.json:
-        json.dump({"out": str(out), "model": str(model_dir) if has_model else None}, sys.stdout)
-        print()
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("demo", help="the main job: a trained model on fresh world scenes, and the world itself")
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
-    d.add_argument("--scenes", type=int, default=8, help="scenes in the world contact sheet")
-    d.add_argument("--questions-scenes", type=int, default=3, help="scenes the model is asked about")
-    d.add_argument("--size", type=int, default=256)
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_demo)

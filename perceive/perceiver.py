@@ -1,251 +1,127 @@
-"""Using a trained retrieval model: ``Perceiver.from_pretrained(dir).ask(image, question)``.
+"""One way to use any perceive model: ``perceive.load(path)`` (or ``Perceiver.from_pretrained(path)``)
+reads the folder's ``config.json``, picks the model its ``model_type`` names, and returns a ``Perceiver``
+whose ``ask(image, question, boxes=None, prompts=None)`` gives an ``Answer``.
 
-A model folder holds ``config.json`` and ``model.safetensors`` (the MLLM), the tokenizer files, and
-``upn/`` (the proposal network). ``ask`` proposes boxes with the UPN (unless boxes are given), lets the
-language model answer with indices, and returns the answer with every grounded object's box in the
-input image's pixels and a confidence: the proposal's score times the probability of its index.
+Whatever the model, an ``Answer``'s objects carry a phrase, a box in the input image's pixels and a score,
+and a mask (COCO RLE) or keypoints when the model makes them (``perceive.answer``).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
-import torch
 
-from perceive.data.tasks import PHRASE_SEPARATOR, TEMPLATES
-from perceive.formats import chatrex
-from perceive.images import load_image
-from perceive.models.configuration_perceiver import PerceiverConfig
-from perceive.models.decoding import generate
-from perceive.models.modeling_perceiver import PerceiverForRetrieval
-from perceive.models.modeling_upn import UpnModel, square_pixels
-from perceive.processing import ImageFrame, PerceiverProcessor
-from perceive.tokenization import detokenize, load_tokenizer
+from perceive.answer import Answer
+from perceive.prompts import VisualPrompt
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
-_GROUNDING = re.compile("^" + re.escape(TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
-# what answering reads of an image's encoding (the last two per the model's configuration)
-ANSWER_INPUTS = ("image_tokens", "object_tokens", "object_order", "object_category")
-
-
-def grounding_phrases(question: str) -> list[str] | None:
-    """The phrases of a question in ChatRex's grounding template ("Please detect X; Y in this image. ..."), or None."""
-    m = _GROUNDING.match(question.strip())
-    return [p.strip() for p in m[1].split(PHRASE_SEPARATOR.strip()) if p.strip()] if m else None
 
 
 @dataclass
-class GroundedObject:
-    phrase: str
-    index: int
-    box: list[float]  # xyxy pixels of the input image
-    score: float  # the proposal's score times the probability of the index
-    mask: dict | None = None  # COCO RLE, from models with a mask decoder (the retrieval model has none)
-
-    def to_json(self) -> dict:
-        out = {"phrase": self.phrase, "index": self.index, "box": [round(v, 2) for v in self.box],
-               "score": round(self.score, 4)}  # fmt: skip
-        if self.mask is not None:
-            out["mask"] = self.mask
-        return out
-
-
-@dataclass
-class Answer:
-    text: str  # the model's answer, markup included
-    objects: list[GroundedObject]
-    proposals: list[dict]  # {"box": xyxy pixels, "score": float}, index k is <objk>
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def plain(self) -> str:
-        return chatrex.parse(self.text, len(self.proposals)).text
-
-    def to_json(self) -> dict:
-        """The documented JSON of ``perceive ask --json``."""
-        out = {"answer": self.text, "objects": [o.to_json() for o in self.objects],
-               "proposals": [{"box": [round(v, 2) for v in p["box"]], "score": round(p["score"], 4)}
-                             for p in self.proposals]}  # fmt: skip
-        if self.problems:
-            out["problems"] = self.problems
-        return out
-
-    def to_coco(self, image_id: int, category_ids: dict[str, int]) -> list[dict]:
-        """COCO results of the objects whose phrase names a category in ``category_ids``."""
-        res = []
-        for o in self.objects:
-            if o.phrase in category_ids:
-                x0, y0, x1, y1 = o.box
-                res.append({"image_id": image_id, "category_id": category_ids[o.phrase],
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": o.score})  # fmt: skip
-        return res
-
-    def draw(self, image: np.ndarray, show_proposals: bool = False):
-        from perceive.draw import draw_answer
-
-        return draw_answer(image, self, show_proposals)
-
-
-@dataclass
-class EncodedImage:
-    """An image with its boxes and visual tokens, ready for questions."""
+class Encoded:
+    """An image ready for questions, by default as it was given (``Perceiver.encode_batch``)."""
 
     array: np.ndarray
-    frame: ImageFrame
-    boxes: np.ndarray  # xyxy pixels
-    scores: np.ndarray
-    notes: list[str]
-    visual: dict[str, torch.Tensor]  # encode_visual's output for this image alone
+    boxes: list | None = None
 
 
-class Perceiver:
-    def __init__(self, model: PerceiverForRetrieval, upn: UpnModel, tokenizer) -> None:
-        self.model = model.eval()
-        self.upn = upn.eval()
-        self.tokenizer = tokenizer
-        self.processor = PerceiverProcessor(tokenizer, cast(PerceiverConfig, model.config))
+class ModelFolderError(ValueError):
+    """A folder that is not a model perceive can load: the message names the file and what is wrong."""
+
+
+class Perceiver(ABC):
+    """A trained model with its processor, ready to answer questions about images."""
+
+    model_type: str = ""
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> Perceiver:
-        p = Path(path) if path is not None else DEFAULT_MODEL
-        for need in ("config.json", "model.safetensors", "upn/config.json"):
-            if not (p / need).is_file():
-                raise FileNotFoundError(f"{p} is not a perceive model folder: {need} is missing")
-        model = PerceiverForRetrieval.from_pretrained(str(p), use_safetensors=True)
-        upn = UpnModel.from_pretrained(str(p / "upn"), use_safetensors=True)
-        return cls(model, upn, load_tokenizer(p))
+        """The model in ``path`` (default: the shipped ``checkpoints/tiny``). On ``Perceiver`` itself, the
+        folder's configuration picks the model; on a model's own class, the folder must hold that model."""
+        if cls is Perceiver:
+            return load(path)
+        folder = Path(path) if path is not None else DEFAULT_MODEL
+        model_type = read_model_type(folder)
+        if model_type not in cls.model_types():
+            raise ModelFolderError(f"{folder / 'config.json'}: model_type {model_type!r} is not a {cls.__name__} model")
+        return cls.from_folder(folder)
 
-    # ------------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def model_types(cls) -> tuple[str, ...]:
+        """The ``model_type`` values of the folders this class loads (the current one first)."""
 
-    @torch.no_grad()
-    def propose(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """UPN boxes (xyxy pixels of ``image``) and scores, at most ``max_objects``."""
-        frame = ImageFrame(image.shape[1], image.shape[0])
-        size = self.upn.config.image_size
-        out = self.upn.propose(square_pixels([image], size), max_proposals=self.model.config.max_objects)[0]
-        boxes = frame.to_pixels(out["boxes"].numpy() / size)
-        return boxes, out["scores"].numpy()
+    @classmethod
+    @abstractmethod
+    def from_folder(cls, folder: Path) -> Perceiver:
+        """Load from a folder whose ``config.json`` names one of ``model_types``."""
 
-    def ask(self, image, question: str, boxes=None, scores=None, max_new_tokens: int = 96) -> Answer:
-        return self.ask_batch([image], [question], None if boxes is None else [boxes],
-                              None if scores is None else [scores], max_new_tokens)[0]  # fmt: skip
-
+    @abstractmethod
     def ask_batch(
         self,
         images: list,
         questions: list[str],
         boxes: list | None = None,
-        scores: list | None = None,
-        max_new_tokens: int = 96,
-        force_phrases: bool = True,
+        prompts: list[list[VisualPrompt] | None] | None = None,
     ) -> list[Answer]:
-        if len(images) != len(questions):
-            raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        return self.answer(self.encode_batch(images, boxes, scores), questions, max_new_tokens, force_phrases)
+        """One answer per (image, question); ``boxes[i]`` are the user's boxes for image i (xyxy pixels, or
+        None), ``prompts[i]`` its visual prompts."""
 
-    @torch.no_grad()
-    def encode_batch(self, images: list, boxes: list | None = None, scores: list | None = None) -> list[EncodedImage]:
-        """Load images, propose boxes (unless given) and run the vision and object encoders, once: the
-        result answers any number of questions (``answer``) without encoding the image again."""
-        arrays = [load_image(im) for im in images]
-        cap = self.model.config.max_objects
-        per_boxes, per_scores, notes = [], [], []
-        for i, arr in enumerate(arrays):
-            n: list[str] = []
-            if boxes is None or boxes[i] is None:
-                b, sc = self.propose(arr)
-            else:
-                b = np.asarray(boxes[i], dtype=np.float64).reshape(-1, 4)
-                if not np.isfinite(b).all() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
-                    raise ValueError("boxes must be finite [x0, y0, x1, y1] with x1 >= x0 and y1 >= y0")
-                sc = np.ones(len(b)) if scores is None or scores[i] is None else np.asarray(scores[i], dtype=np.float64)
-                if len(b) > cap:
-                    keep = np.argsort(-sc, kind="stable")[:cap]
-                    n.append(f"{len(b)} boxes given; kept the {cap} best-scoring (the model takes {cap})")
-                    b, sc = b[keep], sc[keep]
-            per_boxes.append(b)
-            per_scores.append(sc)
-            notes.append(n)
-        frames = [ImageFrame(a.shape[1], a.shape[0]) for a in arrays]
-        pixels, _ = self.processor.images(arrays)
-        norm = [f.normalize(b) for f, b in zip(frames, per_boxes, strict=True)]
-        k = max(1, max(len(b) for b in norm))
-        box_t = torch.zeros(len(arrays), k, 4)
-        mask = torch.zeros(len(arrays), k, dtype=torch.bool)
-        for i, b in enumerate(norm):
-            box_t[i, : len(b)] = torch.as_tensor(b)
-            mask[i, : len(b)] = True
-        visual = self.model.encode_visual(pixels["pixel_low"], pixels["pixel_high"], pixels["rgb_high"], box_t, mask)
-        return [
-            EncodedImage(arr, frame, b, sc, n, {key: visual[key][i : i + 1, : None if key == "image_tokens" else len(b)]
-                                                for key in ANSWER_INPUTS if key in visual})
-            for i, (arr, frame, b, sc, n) in enumerate(zip(arrays, frames, per_boxes, per_scores, notes, strict=True))
-        ]  # fmt: skip
+    def encode_batch(self, images: list, boxes: list | None = None) -> list:
+        """Images (and their boxes) made ready for any number of questions (``answer``). A model that encodes
+        an image once for many questions overrides both; by default the image is kept as it is."""
+        from perceive.images import load_image
 
-    @torch.no_grad()
-    def answer(
-        self, encoded: list[EncodedImage], questions: list[str], max_new_tokens: int = 96, force_phrases: bool = True
-    ) -> list[Answer]:
-        """Answer one question per encoded image. With ``force_phrases``, a grounding question (ChatRex's
-        detection template) gets its asked phrases written by the decoder and the model picks the
-        indices of each (see ``perceive.models.decoding.generate``)."""
-        if len(encoded) != len(questions):
-            raise ValueError(f"{len(encoded)} images but {len(questions)} questions")
-        limit = self.model.config.text().max_position_embeddings - max_new_tokens
-        examples = []
-        for q, enc in zip(questions, encoded, strict=True):
-            ex = self.processor.example(q, len(enc.boxes))
-            if len(ex["input_ids"]) > limit:
-                raise ValueError(f"the prompt is {len(ex['input_ids'])} tokens; this model takes at most {limit} "
-                                 f"before its answer (shorten the question or give fewer boxes)")  # fmt: skip
-            examples.append(ex)
-        batch = self.processor.collate(examples, [e.frame.normalize(e.boxes) for e in encoded], pad_left=True)
-        k = batch["boxes"].shape[1]
-        visual = {}
-        for key in ANSWER_INPUTS:
-            if key not in encoded[0].visual:  # per the model's configuration
-                continue
-            parts = [e.visual[key] for e in encoded]
-            if key != "image_tokens":  # pad objects to the batch's box count
-                parts = [torch.nn.functional.pad(p, (0, 0, 0, k - p.shape[1])) for p in parts]
-            visual[key] = torch.cat(parts)
-        batch["visual"] = visual
-        phrases = [grounding_phrases(q) if force_phrases else None for q in questions]
-        generated = generate(self.model, batch, self.tokenizer, max_new_tokens=max_new_tokens, phrases=phrases)
-        answers = []
-        for g, enc in zip(generated, encoded, strict=True):
-            text = detokenize(self.tokenizer.convert_ids_to_tokens(g.token_ids))
-            parsed = chatrex.parse(text, len(enc.boxes))
-            probs = dict(g.index_probs)
-            objects = [GroundedObject(grp.phrase, k, [float(v) for v in enc.boxes[k]],
-                                      float(enc.scores[k]) * probs.get(k, 1.0))
-                       for grp in parsed.groups for k in grp.indices]  # fmt: skip
-            proposals = [{"box": [float(v) for v in box], "score": float(sc)}
-                         for box, sc in zip(enc.boxes, enc.scores, strict=True)]  # fmt: skip
-            answers.append(Answer(text, objects, proposals, enc.notes + list(parsed.problems)))
-        return answers
+        return [Encoded(load_image(im), None if boxes is None else boxes[i]) for i, im in enumerate(images)]
 
-    def detect(self, image, phrases: list[str], boxes=None) -> Answer:
-        """Detection / referring of one or several phrases (ChatRex's grounding template)."""
-        return self.detect_batch([image], [phrases], None if boxes is None else [boxes])[0]
+    def answer(self, encoded: list, questions: list[str]) -> list[Answer]:
+        """One answer per (``encode_batch`` result, question)."""
+        return self.ask_batch([e.array for e in encoded], questions, boxes=[e.boxes for e in encoded])
 
-    def detect_batch(self, images: list, phrases: list[list[str]], boxes: list | None = None) -> list[Answer]:
-        if any(not p for p in phrases):
-            raise ValueError("detect needs at least one phrase per image")
-        questions = [TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(p)) for p in phrases]
-        return self.ask_batch(images, questions, boxes)
+    def ask(
+        self,
+        image,
+        question: str,
+        boxes=None,
+        prompts: list[VisualPrompt] | None = None,
+    ) -> Answer:
+        """Answer ``question`` about ``image`` (a path, bytes, a PIL image or an array). ``boxes`` (xyxy pixels)
+        are the user's own boxes where the model chooses among boxes (RexSeek's use: a detector's boxes in,
+        the model picks); ``prompts`` are visual prompts where the model takes them."""
+        return self.ask_batch([image], [question], None if boxes is None else [boxes],
+                              None if prompts is None else [prompts])[0]  # fmt: skip
 
-    def describe(self, image, box, granularity: str = "region_phrase") -> Answer:
-        """A region caption of ``box`` (xyxy pixels) at a ChatRex granularity: region_category,
-        region_phrase, region_brief or region_sentence. The box is given as the model's only box."""
-        return self.describe_batch([image], [box], granularity)[0]
 
-    def describe_batch(self, images: list, boxes: list, granularity: str = "region_phrase") -> list[Answer]:
-        if granularity not in ("region_category", "region_phrase", "region_brief", "region_sentence"):
-            raise ValueError(f"unknown granularity {granularity!r}")
-        question = TEMPLATES[granularity].format(obj="<obj0>")
-        return self.ask_batch(images, [question] * len(images), [[list(b)] for b in boxes])
+def read_model_type(folder: Path) -> str:
+    """The ``model_type`` of ``folder/config.json``, after checking the file is a JSON object that names one."""
+    config = folder / "config.json"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such model folder: {folder}")
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder: config.json is missing")
+    try:
+        raw = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"{config} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ModelFolderError(f'{config} names no model_type (a JSON object with "model_type" is expected)')
+    return raw["model_type"]
+
+
+def load(path: str | Path | None = None) -> Perceiver:
+    """The model in ``path`` (default: the shipped ``checkpoints/tiny``), whatever its kind."""
+    from perceive.models.auto import perceiver_class
+
+    folder = Path(path) if path is not None else DEFAULT_MODEL
+    model_type = read_model_type(folder)
+    cls = perceiver_class(model_type)
+    if cls is None:
+        from perceive.models.auto import known_model_types
+
+        raise ModelFolderError(f"{folder / 'config.json'}: model_type {model_type!r} is not a perceive model; "
+                               f"known: {', '.join(known_model_types())}")  # fmt: skip
+    return cls.from_folder(folder)

@@ -11,11 +11,12 @@ def world_tokenizer():
 @pytest.fixture(scope="session")
 def micro_config(world_tokenizer):
     """A model small enough for unit tests (a few hundred thousand parameters)."""
-    from perceive.models.configuration_perceiver import PerceiverConfig
+    from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
     from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI
+    from perceive.train.data import world_model_options
 
     ids = world_tokenizer.convert_tokens_to_ids
-    return PerceiverConfig(
+    return ChatRexConfig(
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "patch_size": 16},
         convnext_config={"hidden_sizes": [8, 16, 32], "depths": [1, 1, 1]},
@@ -27,4 +28,6 @@ def micro_config(world_tokenizer):
         index_token_features=True,
         image_token_id=ids(IMAGE), roi_token_id=ids(ROI), assistant_token_id=ids(ASSISTANT),
         obj_token_ids=[ids(t) for t in OBJ_TOKENS],
+        # the world's four attributes of an object's own (what it holds is a test's to add)
+        **world_model_options(["category", "color", "pattern", "size"]),
     )  # fmt: skip

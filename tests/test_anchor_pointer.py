@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from perceive.models.anchor_pointer import ANCHOR_GEOMETRY, NEAR_GAPS, AnchorPointer, anchor_geometry
+from perceive.models.chatrex.anchor_pointer import ANCHOR_GEOMETRY, NEAR_GAPS, AnchorPointer, anchor_geometry
 
 LEFT, RIGHT, ABOVE, BELOW = range(4)
 NEAR = {gap: 4 + i for i, gap in enumerate(NEAR_GAPS)}

@@ -170,7 +170,7 @@ def roi_align_reference(inp, rois, out_size, scale, sampling_ratio, aligned):
         bh, bw = rh / ph, rw / pw
         gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / ph)
         gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / pw)
-        gh, gw = max(gh, 1), max(gw, 1)
+        count = max(gh * gw, 1)  # a grid of 0 (or fewer) samples: the loops add nothing, the bin is 0
         for c in range(inp.shape[1]):
             fmap = inp[int(b), c]
             for i in range(ph):
@@ -181,7 +181,7 @@ def roi_align_reference(inp, rois, out_size, scale, sampling_ratio, aligned):
                         for ix in range(gw):
                             x = sx + j * bw + (ix + 0.5) * bw / gw
                             acc += _bilinear(fmap, y, x)
-                    result[r, c, i, j] = acc / (gh * gw)
+                    result[r, c, i, j] = acc / count
     return result
 
 
@@ -197,6 +197,7 @@ def test_roi_align_matches_brute_force_definition(aligned, sampling_ratio):
             [1, 9.5, 6.0, 12.5, 10.2],  # beyond the right and bottom edges
             [0, 3.0, 3.0, 3.2, 3.1],  # smaller than a pixel
             [1, 0.0, 0.0, 22.0, 18.0],  # at spatial_scale 0.5 it covers the whole map
+            [0, 5.0, 2.0, 5.0, 7.0],  # zero width: 1 pixel wide unaligned, an empty grid aligned and adaptive
         ],
         dtype=torch.float64,
     )
@@ -204,6 +205,44 @@ def test_roi_align_matches_brute_force_definition(aligned, sampling_ratio):
         got = B.roi_align(inp, rois, (3, 4), scale, sampling_ratio, aligned)
         want = roi_align_reference(inp.numpy(), rois.numpy(), (3, 4), scale, sampling_ratio, aligned)
         assert np.abs(got.numpy() - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, -1])
+def test_roi_align_zero_size_aligned_box_with_adaptive_sampling_is_zero(sampling_ratio):
+    # torchvision: grid = ceil(size / out) = 0 samples along that side, count = max(gh * gw, 1), output 0
+    g = torch.Generator().manual_seed(1)
+    inp = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64) + 0.5  # no zeros to hide behind
+    rois = torch.tensor(
+        [
+            [0, 4.3, 2.0, 4.3, 7.5],  # zero width
+            [1, 1.0, 3.7, 8.0, 3.7],  # zero height
+            [0, 4.3, 3.7, 4.3, 3.7],  # zero area: a point
+            [1, 6.0, 5.0, 2.0, 1.0],  # negative size: ceil(-4 / 2) = -2, the loops run zero times
+            [0, 6.0, 2.0, 2.0, 7.0],  # negative width, positive height
+        ],
+        dtype=torch.float64,
+    )
+    normal = torch.tensor([[1, 1.3, 2.2, 7.9, 8.1]], dtype=torch.float64)
+    both = torch.cat([normal, rois, normal])  # empty groups must not disturb the others
+    for scale in (1.0, 0.5):
+        got = B.roi_align(inp, both, (2, 2), scale, sampling_ratio, aligned=True)
+        assert (got[1:-1] == 0).all()
+        want = roi_align_reference(inp.numpy(), both.numpy(), (2, 2), scale, sampling_ratio, True)
+        assert (want[1:-1] == 0).all() and np.abs(want[0]).min() > 0
+        assert np.abs(got.numpy() - want).max() < 1e-9
+        assert torch.equal(got[0], got[-1])
+
+
+def test_roi_align_zero_area_box_with_fixed_sampling_ratio_samples_the_point():
+    g = torch.Generator().manual_seed(2)
+    inp = torch.rand(1, 2, 9, 11, generator=g, dtype=torch.float64)
+    roi = torch.tensor([[0, 4.3, 3.7, 4.3, 3.7]], dtype=torch.float64)
+    got = B.roi_align(inp, roi, (2, 3), sampling_ratio=2, aligned=True)
+    for c in range(2):
+        point = _bilinear(inp[0, c].numpy(), 3.7 - 0.5, 4.3 - 0.5)
+        assert torch.allclose(got[0, c], torch.full((2, 3), point, dtype=torch.float64), atol=1e-12)
+    want = roi_align_reference(inp.numpy(), roi.numpy(), (2, 3), 1.0, 2, True)
+    assert np.abs(got.numpy() - want).max() < 1e-9
 
 
 def test_roi_align_constant_and_linear_ramp_analytic():

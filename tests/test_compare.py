@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from perceive import compare
-from perceive.models.modeling_perceiver import PerceiverForRetrieval
-from perceive.models.modeling_upn import UpnConfig, UpnModel
+from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
+from perceive.models.upn.modeling_upn import UpnConfig, UpnModel
 from perceive.train.data import coordinate_answer
 from perceive.world.generator import WorldConfig, generate_scene
 
@@ -47,14 +47,14 @@ def test_the_comparison_runs_end_to_end_on_micro_models(tmp_path, micro_config, 
 
     def factory(tok):
         """The micro model, its vocabulary widened to the tokenizer with numbers."""
-        from perceive.models.configuration_perceiver import PerceiverConfig
+        from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
         from perceive.tokenization import IMAGE, OBJ_TOKENS, ROI
 
         ids = tok.convert_tokens_to_ids
         d = micro_config.to_dict()
         d["text_config"] = {**d["text_config"], "vocab_size": len(tok)}
         d.update(image_token_id=ids(IMAGE), roi_token_id=ids(ROI), obj_token_ids=[ids(t) for t in OBJ_TOKENS])
-        return PerceiverForRetrieval(PerceiverConfig(**d))
+        return ChatRexForConditionalGeneration(ChatRexConfig(**d))
 
     report = compare.run(cfg, tmp_path, upn, model_factory=factory, progress=False)
     assert set(report["accuracy"]) == {"indices", "coordinates"}

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,6 +53,78 @@ def test_task_plan_and_vrt_block():
     assert a.vrt_count == 3
     assert a.text.strip() == "cats"
     assert a.problems == ()
+
+
+def test_untagged_plan_lines_as_the_released_code_writes_them():
+    # MacavityT/REF-VLM writes "Unit: box" as well as "Unit: <Unit>box</Unit>"
+    text = (
+        "<Task>\nUnit decode (True). Class name, target unit and number:\n"
+        "- Name: circles Unit: box Num: 2\n</Task>\n"
+        "<Phrase>circles</Phrase>(<Unit>box</Unit>[0]<REF>[1]<REF>)"
+    )
+    a = refvlm.parse(text)
+    assert a.task == TaskPlan(True, (PlanEntry("circles", ("box",), 2),))
+    assert a.problems == ()
+
+
+def test_untagged_composite_unit_and_mixed_plan_lines():
+    body = (
+        "<Task>\nUnit decode (True). Class name, target unit and number:\n"
+        "- Name: person Unit: box,  keypoint Num: 1\n"
+        "- Name: red car Unit: <Unit>mask</Unit> Num: 3\n"
+        "-  Name: dog Unit:mask Num:12\n"
+        "</Task>\n"
+    )
+    a = refvlm.parse(body + "<Phrase>person</Phrase>(<Unit>box, keypoint</Unit>[0]<REF>)")
+    assert a.task == TaskPlan(
+        True,
+        (
+            PlanEntry("person", ("box", "keypoint"), 1),
+            PlanEntry("red car", ("mask",), 3),
+            PlanEntry("dog", ("mask",), 12),
+        ),
+    )
+    assert a.problems == ()
+    # render_plan still writes the tagged form, which parses back to the same plan
+    assert "Unit: <Unit>box, keypoint</Unit> Num: 1" in refvlm.render_plan(a.task)
+    assert refvlm.parse(refvlm.render_plan(a.task)).task == a.task
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "- Name: cats Unit: <Unit>box Num: 2",  # an unclosed tag
+        "- Name: cats Unit: box Num: two",
+        "- Name: cats Num: 2",
+    ],
+)
+def test_malformed_plan_line_is_reported(line):
+    a = refvlm.parse(f"<Task>\nUnit decode (True). Class name, target unit and number:\n{line}\n</Task>\n")
+    assert a.task == TaskPlan(True, ())
+    assert any("was not understood" in p for p in a.problems), a.problems
+    assert any("lists none" in p for p in a.problems), a.problems
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        "- Name: " + "a " * 100_000,  # no "Unit:" at all
+        "- Name: " * 25_000,  # every position starts a new entry
+        "- Name: a Unit: <Unit>" * 9_100,  # many "Unit:" and no "</Unit>" or "Num:"
+        "- Name: a" + " Unit: <Unit> Num:" * 11_200,  # one entry, its last "Num:" without a number
+    ],
+)
+def test_huge_junk_plan_parses_fast_and_reports(junk):
+    # the lazy-group regex this replaced took minutes on such a line
+    text = f"<Task>\nUnit decode (True). Class name, target unit and number:\n{junk}\n</Task>\nok"
+    assert len(junk) >= 200_000
+    start = time.perf_counter()
+    a = refvlm.parse(text)
+    assert time.perf_counter() - start < 2.0
+    assert a.task == TaskPlan(True, ()) and a.text == "ok"
+    assert any("lists none" in p for p in a.problems)
+    assert any("was not understood" in p for p in a.problems)
+    assert all(len(p) < 200 for p in a.problems)  # the junk is not copied into the report
 
 
 def test_plan_count_mismatch_is_reported():

@@ -1,13 +1,13 @@
 import torch
 import torch.nn.functional as F
 
-from perceive.models.object_order import (
+from perceive.models.chatrex.object_order import (
     ORDER_BINS,
     ORDER_DIRECTIONS,
-    ORDER_FEATURES,
-    ORDER_GROUPINGS,
     count_bins,
     order_counts,
+    order_feature_count,
+    order_feature_index,
     order_features,
 )
 
@@ -53,10 +53,15 @@ def test_count_bins_spread_a_count_over_its_two_nearest_whole_numbers():
 def test_order_features_count_by_category_and_by_category_and_colour():
     category = F.one_hot(CATEGORY, 3).float()
     color = F.one_hot(torch.tensor([[0, 1, 0, 0, 0]]), 2).float()  # the circle at x 0.1 is the only blue one
-    feats = order_features(BOXES, MASK, category, color)
-    assert feats.shape == (1, 5, ORDER_FEATURES)
-    per = feats.reshape(1, 5, len(ORDER_GROUPINGS), len(ORDER_DIRECTIONS), ORDER_BINS).argmax(-1)[0]
+    feats = order_features(BOXES, MASK, [[category], [category, color]])
+    assert feats.shape == (1, 5, order_feature_count(2)) == (1, 5, 2 * len(ORDER_DIRECTIONS) * ORDER_BINS)
+    per = feats.reshape(1, 5, 2, len(ORDER_DIRECTIONS), ORDER_BINS).argmax(-1)[0]
     left = ORDER_DIRECTIONS.index("left")
     assert per[:, 0, left].tolist()[:4] == [1, 0, 0, 2]  # among circles
     assert per[:, 1, left].tolist()[:4] == [0, 0, 0, 1]  # among red circles: the blue one does not count
     assert torch.equal(feats[0, 4], count_bins(torch.zeros(8)).flatten())  # padding: no box before it
+    # the column that says "one alike box to my left", for each grouping
+    assert feats[0, 0, order_feature_index(0, "left", 1)] == 1 and feats[0, 3, order_feature_index(1, "left", 1)] == 1
+    assert order_feature_index(1, "bottom", 9) == order_feature_count(2) - 1  # the last bin: "4 or more"
+    # one grouping alone gives its own columns only
+    assert torch.equal(order_features(BOXES, MASK, [[category]]), feats[..., : order_feature_count(1)])

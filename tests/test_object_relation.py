@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from perceive.models.object_relation import ObjectRelationEncoder, pair_geometry
+from perceive.models.chatrex.object_relation import ObjectRelationEncoder, pair_geometry
 
 
 def test_pair_geometry_by_hand():

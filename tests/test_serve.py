@@ -183,3 +183,44 @@ def test_batch_ask_resumes_without_repeating(perceiver, tmp_path, monkeypatch):
         batch.list_inputs(jl, None)
     assert batch.list_inputs(jl, "q")[0]["image"] == str(tmp_path / "imgs" / "s0.png")
     assert np.isfinite(1.0)
+
+
+def test_the_users_boxes_reach_the_model_through_the_api(perceiver):
+    client = TestClient(create_app(perceiver))
+    boxes = [[10, 20, 60, 120], [80, 15, 130, 118]]
+    r = client.post("/v1/ask", files={"image": ("s.png", _png(), "image/png")},
+                    data={"question": QUESTION, "boxes": json.dumps(boxes)})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert [p["box"] for p in r.json()["proposals"]] == boxes
+    assert all(o["index"] < 2 for o in r.json()["objects"])
+    plain = client.post("/v1/ask", files={"image": ("s.png", _png(), "image/png")}, data={"question": QUESTION})
+    assert plain.headers["X-Image-Id"] != r.headers["X-Image-Id"] and len(plain.json()["proposals"]) != 2
+    # a follow-up on the same image with other boxes is encoded again with them
+    other = client.post("/v1/ask", data={"image_id": plain.headers["X-Image-Id"], "question": QUESTION,
+                                         "boxes": json.dumps(boxes[:1])})  # fmt: skip
+    assert other.status_code == 200 and [p["box"] for p in other.json()["proposals"]] == boxes[:1]
+    for bad in ("[[1, 2, 3]]", "[[5, 5, 1, 1]]", "not json", '{"a": 1}'):
+        r = client.post("/v1/ask", files={"image": ("s.png", _png(), "image/png")},
+                        data={"question": QUESTION, "boxes": bad})  # fmt: skip
+        assert r.status_code == 400 and "boxes" in r.json()["detail"], (bad, r.text)
+
+
+def test_batch_lines_carry_their_own_boxes(perceiver, tmp_path):
+    from perceive import batch
+
+    (tmp_path / "s0.png").write_bytes(_png(0))
+    (tmp_path / "s1.png").write_bytes(_png(1))
+    jl = tmp_path / "list.jsonl"
+    jl.write_text(json.dumps({"image": "s0.png", "boxes": [[0, 0, 50, 50], [60, 60, 120, 140]]}) + "\n"
+                  + json.dumps({"image": "s1.png"}) + "\n")  # fmt: skip
+    summary = batch.run(perceiver, jl, QUESTION, tmp_path / "out", progress=False)
+    assert summary["answered"] == 2
+    first, second = (json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+    assert [p["box"] for p in first["proposals"]] == [[0, 0, 50, 50], [60, 60, 120, 140]]
+    assert len(second["proposals"]) > 2  # no boxes of its own: the proposal network's
+    # --boxes for every image of a folder, and a bad line named by its number
+    items = batch.list_inputs(tmp_path, QUESTION, boxes=[[1, 1, 9, 9]])
+    assert all(it["boxes"] == [[1, 1, 9, 9]] for it in items)
+    jl.write_text(json.dumps({"image": "s0.png", "boxes": [[5, 5, 1]]}) + "\n")
+    with pytest.raises(ValueError, match=r"list\.jsonl:1: boxes"):
+        batch.list_inputs(jl, QUESTION)

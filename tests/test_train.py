@@ -133,7 +133,7 @@ def test_ask_cli_json_and_picture(smoke_run, tmp_path):
     r = _cli("ask", "--model", smoke_run / "model", bad, "hello")
     assert r.returncode == 1 and "not an image" in r.stderr and "Traceback" not in r.stderr
     r = _cli("ask", "--model", tmp_path / "nowhere", img, "hello")
-    assert r.returncode == 1 and "not a perceive model folder" in r.stderr
+    assert r.returncode == 1 and "no such model folder" in r.stderr
 
 
 def test_perceiver_api_edges(smoke_run):

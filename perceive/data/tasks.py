@@ -11,32 +11,13 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from perceive.data.templates import CHATREX_TEMPLATES, PHRASE_SEPARATOR
 from perceive.formats import chatrex
 from perceive.world.language import EXPRESSION_KINDS, SceneLanguage, evaluate
 from perceive.world.scene import ITEMS, PARTS, SHAPES, Scene
 
-TEMPLATES = {
-    "detect": "Please detect {obj} in this image. Answer the question with object indexes.",
-    "caption_brief": "Please briefly describe this image and detect all the mentioned objects. "
-    "Answer with grounded object indexes.",
-    "caption_detailed": "Please provide a detailed description of the image and detect all the mentioned objects. "
-    "Answer the question with grounded object indexes.",
-    "region_category": (
-        "What is the category name of {obj}? Answer the question with its category name in free format."
-    ),
-    "region_phrase": (
-        "Can you provide me with a short phrase description of {obj}? Answer the question with short phrases."
-    ),
-    "region_brief": "Can you provide me with a brief description of {obj}? Answer the question with brief description.",
-    "region_sentence": "Can you provide a one sentence description of {obj} in the image? "
-    "Answer the question with one sentence description.",
-    "count": "How many {obj} are there in this image? "
-    "Answer the question with the number of objects and locate them with object indexes.",
-    "conversation": "Answer the question in grounded format. Question: {question}",
-}
 TASKS = ("detect", "refer", "region_category", "region_phrase", "region_brief", "region_sentence", "count",
          "caption_brief", "caption_detailed", "region_qa")  # fmt: skip
-PHRASE_SEPARATOR = "; "
 
 
 @dataclass
@@ -51,7 +32,7 @@ class QA:
 
 def template_texts() -> list[str]:
     """Every fixed word of the templates and answers (for building the world tokenizer)."""
-    return [*TEMPLATES.values(), "There are None", "yes no nothing nobody", *SHAPES, *ITEMS, *PARTS]
+    return [*CHATREX_TEMPLATES.values(), "There are None", "yes no nothing nobody", *SHAPES, *ITEMS, *PARTS]
 
 
 def _indices(box_objects: list[int | None], ids: list[int]) -> list[int]:
@@ -74,7 +55,7 @@ def detect(scene: Scene, box_objects: list[int | None], rng: random.Random) -> Q
             rng.shuffle(names)
     groups = [_indices(box_objects, [o.id for o in scene.objects if o.category == n]) for n in names]
     answer = chatrex.render_groups(zip(names, groups, strict=True))
-    return QA("detect", TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(names)), answer, groups, names)
+    return QA("detect", CHATREX_TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(names)), answer, groups, names)
 
 
 def check_refer_options(kind_weights: dict[str, float] | None, max_expressions: int) -> None:
@@ -121,7 +102,9 @@ def refer(
         "anchors": [_indices(box_objects, evaluate(scene, e.program["anchor"])) if "anchor" in e.program else []
                     for e in exprs],
     }  # fmt: skip
-    return QA("refer", TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(phrases)), answer, groups, phrases, meta)
+    return QA(
+        "refer", CHATREX_TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(phrases)), answer, groups, phrases, meta
+    )
 
 
 def region_caption(
@@ -139,7 +122,7 @@ def region_caption(
     answer = chatrex.render_groups((p, [k]) for p, k in zip(phrases, keys, strict=True))
     return QA(
         granularity,
-        TEMPLATES[granularity].format(obj=_refs(keys)),
+        CHATREX_TEMPLATES[granularity].format(obj=_refs(keys)),
         answer,
         [[k] for k in keys],
         phrases,
@@ -159,7 +142,7 @@ def count(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng:
     group = _indices(box_objects, q.answer_objects)
     # the objects first, then their number: the model counts the indices it has just written
     answer = chatrex.render_groups([(phrase, group)]) + f". There are {len(group)}."
-    return QA("count", TEMPLATES["count"].format(obj=phrase), answer, [group], [phrase], {"count": len(group)})
+    return QA("count", CHATREX_TEMPLATES["count"].format(obj=phrase), answer, [group], [phrase], {"count": len(group)})
 
 
 def caption(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], kind: str) -> QA:
@@ -167,7 +150,7 @@ def caption(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], ki
     groups = [chatrex.GroundedPhrase(p["phrase"], tuple(_indices(box_objects, p["objects"])), tuple(p["span"]))
               for p in cap.phrases]  # fmt: skip
     answer = chatrex.render(cap.text, groups)
-    return QA(kind, TEMPLATES[kind], answer, [list(g.indices) for g in groups], [g.phrase for g in groups])
+    return QA(kind, CHATREX_TEMPLATES[kind], answer, [list(g.indices) for g in groups], [g.phrase for g in groups])
 
 
 def region_qa(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng: random.Random) -> QA | None:
@@ -181,7 +164,7 @@ def region_qa(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], 
     def name(text: str) -> str:
         return re.sub(r"<obj(\d+)>", lambda m: f"<obj{keys[int(m[1])]}>", text)
 
-    question = TEMPLATES["conversation"].format(question=name(q.question))
+    question = CHATREX_TEMPLATES["conversation"].format(question=name(q.question))
     if q.answer_objects and not q.answer.startswith("<obj"):
         group = _indices(box_objects, q.answer_objects)
         answer = chatrex.render_groups([(q.answer, group)])

@@ -30,10 +30,10 @@ import torch
 
 from perceive.boxes import box_iou, match_one_to_one
 from perceive.data.readers import HumanRefSample
-from perceive.data.tasks import PHRASE_SEPARATOR, TEMPLATES
+from perceive.data.templates import CHATREX_TEMPLATES, PHRASE_SEPARATOR
 from perceive.eval import detection, referring, text
 from perceive.eval.report import Report, Table, markdown
-from perceive.perceiver import Perceiver
+from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import describe
 from perceive.world.scene import CATEGORY_IDS, Scene
@@ -70,7 +70,7 @@ def _boxes(scene: Scene, ids: list[int]) -> list[list[float]]:
 
 
 def run(
-    perceiver: Perceiver,
+    perceiver: ChatRexPerceiver,
     n: int = 100,
     batch_size: int = 16,
     world: WorldConfig | None = None,
@@ -111,10 +111,14 @@ def run(
         for j in range(0, len(cats), 3):
             chunk = cats[j : j + 3]
             queries.append(
-                (i, TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(chunk)), {"task": "detect", "phrases": chunk})
+                (
+                    i,
+                    CHATREX_TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(chunk)),
+                    {"task": "detect", "phrases": chunk},
+                )
             )
         for k, e in enumerate(lang.expressions):
-            queries.append((i, TEMPLATES["detect"].format(obj=e.text), {"task": "refer", "expr": e, "k": k}))
+            queries.append((i, CHATREX_TEMPLATES["detect"].format(obj=e.text), {"task": "refer", "expr": e, "k": k}))
         # each object is asked about through its own proposal, matched one to one over all objects (parts
         # too): the box that fits a held flag's arm better than the flag is the arm's, not the flag's
         gt = torch.tensor([o.box for o in s.objects], dtype=torch.float64)
@@ -125,15 +129,19 @@ def run(
             if index is None:
                 region_unmatched += 1
                 continue
-            q = TEMPLATES["region_category"].format(obj=f"<obj{index}>")
+            q = CHATREX_TEMPLATES["region_category"].format(obj=f"<obj{index}>")
             queries.append((i, q, {"task": "region_category", "truth": o.category}))
         brief = next(c for c in lang.captions if c.kind == "caption_brief")
-        queries.append((i, TEMPLATES["caption_brief"], {"task": "caption", "truth": brief.text}))
+        queries.append((i, CHATREX_TEMPLATES["caption_brief"], {"task": "caption", "truth": brief.text}))
         for question in lang.questions:
             if question.kind == "count":
                 phrase = re.match(r"How many (.+) are there\?", question.question)[1]  # type: ignore[index]
                 queries.append(
-                    (i, TEMPLATES["count"].format(obj=phrase), {"task": "count", "truth": len(question.answer_objects)})
+                    (
+                        i,
+                        CHATREX_TEMPLATES["count"].format(obj=phrase),
+                        {"task": "count", "truth": len(question.answer_objects)},
+                    )
                 )
     answers = []
     bar = tqdm(total=len(queries), desc="benchmark", unit="query", disable=not progress)
@@ -287,8 +295,8 @@ def run(
     return Report("perceive benchmark: world suite", metrics, tables, notes)
 
 
-def _throughput(perceiver: Perceiver, scenes: list[Scene], proposals: list) -> dict[str, float]:
-    q = TEMPLATES["detect"].format(obj="circle")
+def _throughput(perceiver: ChatRexPerceiver, scenes: list[Scene], proposals: list) -> dict[str, float]:
+    q = CHATREX_TEMPLATES["detect"].format(obj="circle")
     out = {}
     for bs in (1, 16):
         k = min(len(scenes), bs)

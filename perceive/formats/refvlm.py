@@ -14,8 +14,12 @@ visual representation tokens on the input side::
     <Task>
     Unit decode (True). Class name, target unit and number:
     - Name: circles Unit: <Unit>box</Unit> Num: 2
+    - Name: person Unit: box, keypoint Num: 1
     </Task>
     <v><VRT><VRT>...</v>
+
+Plan entries come with the unit in ``<Unit>`` tags or without (the released code has both forms);
+``parse`` reads either, ``render_plan`` writes the tagged one.
 
 ``parse`` returns the plain text (all markup removed), one ``Triplet`` per phrase with its span, its
 unit groups and, for each ``<REF>``, its ordinal among all ``<REF>`` tokens of the text. The ordinal
@@ -53,7 +57,9 @@ _TOKEN = re.compile(
     r"|(?P<label>\[(?P<k>\d+)\])|(?P<ref><REF>)|(?P<gclose>\))|(?P<topen><Task>)|(?P<tclose></Task>)"
     r"|(?P<vopen><v>)|(?P<vclose></v>)|(?P<vrt><VRT>)"
 )
-_PLAN_LINE = re.compile(r"-\s*Name:\s*(?P<name>.*?)\s+Unit:\s*<Unit>(?P<units>.*?)</Unit>\s*Num:\s*(?P<num>\d+)")
+# Where a plan entry starts; the rest of the entry is cut with str methods (see _parse_plan_entry).
+_PLAN_ENTRY = re.compile(r"-\s*Name:")  # applied to one line at a time
+_PLAN_NUM = re.compile(r"\s*(\d+)")
 
 
 @dataclass(frozen=True)
@@ -137,14 +143,47 @@ def _split_units(raw: str) -> tuple[str, ...]:
     return tuple(u.strip() for u in raw.split(",") if u.strip())
 
 
+def _parse_plan_entry(entry: str) -> PlanEntry | None:
+    """``circles Unit: <Unit>box</Unit> Num: 2`` or, as the released code writes it, ``circles Unit: box Num: 2``.
+
+    Cut at the last ``Num:`` and the last ``Unit:`` before it with ``rfind`` rather than with lazy regex
+    groups: those retry at every position and made a long junk line take minutes.
+    """
+    k = entry.rfind("Num:")
+    if k < 0:
+        return None
+    num = _PLAN_NUM.match(entry, k + len("Num:"))
+    u = entry.rfind("Unit:", 0, k)
+    if num is None or u <= 0 or not entry[u - 1].isspace():  # the name ends in whitespace, as before
+        return None
+    units = entry[u + len("Unit:") : k].strip()
+    if units.startswith(UNIT_OPEN) and units.endswith(UNIT_CLOSE):
+        units = units[len(UNIT_OPEN) : -len(UNIT_CLOSE)]
+    if UNIT_OPEN in units or UNIT_CLOSE in units:
+        return None
+    return PlanEntry(entry[:u].strip(), _split_units(units), int(num[1]))
+
+
 def _parse_plan(body: str, problems: list[str]) -> TaskPlan:
     decode = "Unit decode (True)" in body
     if not decode and "Unit decode (False)" not in body:
         problems.append("task block does not say 'Unit decode (True)' or 'Unit decode (False)'")
-    entries = tuple(PlanEntry(m["name"], _split_units(m["units"]), int(m["num"])) for m in _PLAN_LINE.finditer(body))
+    entries: list[PlanEntry] = []
+    for line in body.split("\n"):
+        # an entry runs to the next "- Name:" on its line or to the line's end
+        spans = [m.span() for m in _PLAN_ENTRY.finditer(line)]
+        for i, (_, start) in enumerate(spans):
+            end = spans[i + 1][0] if i + 1 < len(spans) else len(line)
+            entry = _parse_plan_entry(line[start:end])
+            if entry is None:
+                shown = line[start:end].strip()
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                problems.append(f"task plan entry {'- Name: ' + shown!r} was not understood")
+            else:
+                entries.append(entry)
     if decode and not entries:
         problems.append("task block says units are decoded but lists none")
-    return TaskPlan(decode, entries)
+    return TaskPlan(decode, tuple(entries))
 
 
 def parse(text: str) -> RefVlmAnswer:

@@ -1,8 +1,10 @@
 """``perceive serve``: a JSON API and a web page over a ``Perceiver``.
 
-- ``POST /v1/ask`` (multipart: ``image`` or ``image_id``, and ``question``) answers with the JSON of
-  ``perceive ask --json``; the ``X-Image-Id`` header names the encoded image, so a follow-up question
-  can send ``image_id`` instead of the file and skip the proposal network and the vision encoders.
+- ``POST /v1/ask`` (multipart: ``image`` or ``image_id``, ``question``, and optionally ``boxes``, a JSON list
+  of ``[x0, y0, x1, y1]`` pixel boxes the model chooses among instead of its proposals) answers with the
+  JSON of ``perceive ask --json``; the ``X-Image-Id`` header names the encoded image (with its boxes), so
+  a follow-up question can send ``image_id`` instead of the file and skip the proposal network and the
+  vision encoders.
 - ``GET /`` is the web page; ``GET /docs`` and ``/openapi.json`` describe the API.
 
 Safety: one inference worker behind a bounded queue (429 when full), a time limit per request
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -27,10 +30,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from perceive.boxes import check_pixel_boxes
 from perceive.images import ImageError, load_image
 
 STATIC = Path(__file__).parent / "static"
-FIELDS = {"image", "image_id", "question"}
+FIELDS = {"image", "image_id", "question", "boxes"}
 log = logging.getLogger("perceive.serve")
 
 
@@ -75,20 +79,26 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
     async def health() -> dict:
         return {"status": "ok", "queue": state["in_flight"], "queue_size": limits.queue_size}
 
-    def infer(image_bytes: bytes | None, image_id: str | None, question: str) -> tuple[dict, str]:
-        """Runs on the single worker thread: encode (or reuse) the image, answer the question."""
+    def infer(image_bytes: bytes | None, image_id: str | None, question: str, boxes: list | None) -> tuple[dict, str]:
+        """Runs on the single worker thread: encode (or reuse) the image with its boxes, answer the question."""
+        boxes_key = "" if boxes is None else "-" + hashlib.sha256(json.dumps(boxes).encode()).hexdigest()[:12]
         if image_bytes is not None:
-            key = hashlib.sha256(image_bytes).hexdigest()[:32]
+            key = hashlib.sha256(image_bytes).hexdigest()[:32] + boxes_key
             if key not in cache:
                 try:
                     array = load_image(image_bytes)
                 except ImageError as e:
                     raise ApiError(400, str(e)) from None
-                cache[key] = perceiver.encode_batch([array])[0]
+                cache[key] = encode(array, boxes)
         else:
             key = image_id or ""
             if key not in cache:
                 raise ApiError(404, "unknown image_id (it may have been evicted); send the image again")
+            if boxes is not None:  # the same image asked about with other boxes: encoded again with them
+                base = key.split("-")[0]
+                key = base + boxes_key
+                if key not in cache:
+                    cache[key] = encode(cache[image_id].array, boxes)  # type: ignore[attr-defined, index]
         cache.move_to_end(key)
         while len(cache) > limits.cache_images:
             cache.popitem(last=False)
@@ -97,6 +107,12 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         return answer.to_json(), key
+
+    def encode(array, boxes: list | None):
+        try:
+            return perceiver.encode_batch([array], None if boxes is None else [boxes])[0]
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
 
     @app.post("/v1/ask", summary="Ask a question about an image",
               responses={400: {"description": "not an image, a bad question or an unknown field"},
@@ -117,12 +133,22 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
             raise ApiError(status, f"could not read the form: {e}") from None
         unknown = sorted(set(form.keys()) - FIELDS)
         if unknown:
-            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}; expected image or image_id, and question")
+            raise ApiError(
+                400,
+                f"unknown field(s): {', '.join(unknown)}; expected image or image_id, question, and optionally boxes",
+            )
         question = form.get("question")
         if not isinstance(question, str) or not question.strip():
             raise ApiError(400, "field 'question' is required")
         if len(question) > limits.max_question_chars:
             raise ApiError(400, f"question over {limits.max_question_chars} characters")
+        boxes = None
+        raw_boxes = form.get("boxes")
+        if raw_boxes is not None:
+            try:
+                boxes = check_pixel_boxes(json.loads(str(raw_boxes)), "boxes").tolist()
+            except (json.JSONDecodeError, ValueError) as e:
+                raise ApiError(400, f"field 'boxes' must be a JSON list of [x0, y0, x1, y1] pixel boxes: {e}") from None
         upload = form.get("image")
         raw_id = form.get("image_id")
         image_id = raw_id if isinstance(raw_id, str) else None
@@ -138,7 +164,7 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
         state["in_flight"] += 1
         try:
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(worker, infer, data, image_id, question)
+            future = loop.run_in_executor(worker, infer, data, image_id, question, boxes)
             try:
                 body, key = await asyncio.wait_for(future, timeout=limits.timeout_s)
             except TimeoutError:
@@ -153,9 +179,9 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
 def serve(model: str | None, host: str, port: int, limits: Limits) -> None:
     import uvicorn
 
-    from perceive.perceiver import Perceiver
+    from perceive.perceiver import load
 
-    perceiver = Perceiver.from_pretrained(model)
+    perceiver = load(model)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", host)
     uvicorn.run(create_app(perceiver, limits), host=host, port=port, log_level="info")

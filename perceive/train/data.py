@@ -15,6 +15,7 @@ language, its proposals and the vision encoders cost a k-th as much per question
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,39 +23,66 @@ import torch
 
 from perceive.boxes import box_iou, match_one_to_one
 from perceive.data.tasks import TASKS, check_refer_options, make_qa
-from perceive.models.configuration_perceiver import ATTRIBUTES, HOLDING_ATTRIBUTES
-from perceive.models.object_order import order_feature_index
-from perceive.processing import PerceiverProcessor
+from perceive.models.chatrex.object_order import order_feature_index
+from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import SceneLanguage, describe
-from perceive.world.scene import CATEGORY_IDS, COLORS, ITEMS, PATTERNS, SIZES, Scene
+from perceive.world.scene import CATEGORY_IDS, COLORS, ITEMS, PATTERNS, SIZES, Scene, category_table
 
 DEFAULT_TASK_WEIGHTS = {
     "detect": 2.0, "refer": 4.0, "region_category": 1.5, "region_phrase": 1.0, "region_brief": 0.5,
     "region_sentence": 0.5, "count": 1.5, "caption_brief": 0.5, "caption_detailed": 0.25, "region_qa": 1.0,
 }  # fmt: skip
 COLOR_NAMES = list(COLORS)
-# columns of attribute_targets(), every head a model can have; a model with fewer heads reads the first ones
-ATTRIBUTE_TARGETS = len(ATTRIBUTES) + len(HOLDING_ATTRIBUTES)
+# what the world labels on each object, name -> classes: the attribute heads a model trained on it gets
+WORLD_ATTRIBUTES = {
+    "category": sum(c["granularity"] != "stuff" for c in category_table()),  # things and parts, ids 1..15
+    "color": len(COLORS),  # a person's is its shirt's
+    "pattern": len(PATTERNS),
+    "size": len(SIZES),
+    "held_item": 1 + len(ITEMS),  # nothing, or one of the items
+    "held_item_color": len(COLORS),
+}
+# attributes about what surrounds an object (what a person holds): a model reads them off the box's whole RoI grid
+WORLD_GRID_ATTRIBUTES = ("held_item", "held_item_color")
+# the ways of being alike that ranks among boxes are counted by: "the second circle", "the second red circle"
+WORLD_ORDER_GROUPINGS = [["category"], ["category", "color"]]
 
 
-def attribute_targets(scene: Scene, obj_id: int | None) -> list[int]:
-    """(category, colour, pattern, size, held item, held item's colour) class indices of a box's object,
-    the order of ``PerceiverConfig.attribute_classes()``; -100 where unknown. What is not a person holds
-    nothing (class 0), so the held-item head learns to say so of a held cup's own box."""
+def world_model_options(attributes: list[str] | None = None, order_groupings: list[list[str]] | None = None) -> dict:
+    """The configuration fields that training on the world decides: heads for ``attributes`` (None: every one
+    the world labels), those of them read from the RoI grid, and the ``order_groupings`` (default
+    ``WORLD_ORDER_GROUPINGS``)."""
+    names = list(WORLD_ATTRIBUTES) if attributes is None else list(attributes)
+    groupings = [list(g) for g in (order_groupings if order_groupings is not None else WORLD_ORDER_GROUPINGS)]
+    unknown = sorted({*names, *(h for g in groupings for h in g)} - set(WORLD_ATTRIBUTES))
+    if unknown:
+        raise ValueError(f"the world does not label {unknown}; it labels {', '.join(WORLD_ATTRIBUTES)}")
+    return {
+        "attribute_heads": {n: WORLD_ATTRIBUTES[n] for n in names},
+        "grid_attribute_heads": [n for n in names if n in WORLD_GRID_ATTRIBUTES],
+        "order_groupings": groupings,
+    }
+
+
+def attribute_targets(scene: Scene, obj_id: int | None, names: Sequence[str] = tuple(WORLD_ATTRIBUTES)) -> list[int]:
+    """The class indices of a box's object for the attributes ``names`` (``WORLD_ATTRIBUTES``' keys), -100 where
+    unknown. What is not a person holds nothing (class 0), so the held-item head learns to say so of a held
+    cup's own box."""
     if obj_id is None:
-        return [-100] * ATTRIBUTE_TARGETS
+        return [-100] * len(names)
     o = scene.get(obj_id)
     color = o.shirt if o.kind == "person" else o.color
     held = scene.get(o.holding) if o.holding is not None else None
-    return [
-        CATEGORY_IDS[o.category] - 1,
-        COLOR_NAMES.index(color) if color else -100,
-        PATTERNS.index(o.pattern) if o.pattern else -100,
-        SIZES.index(o.size) if o.size else -100,
-        1 + ITEMS.index(held.category) if held is not None else 0,
-        COLOR_NAMES.index(held.color) if held is not None and held.color else -100,
-    ]
+    values = {
+        "category": CATEGORY_IDS[o.category] - 1,
+        "color": COLOR_NAMES.index(color) if color else -100,
+        "pattern": PATTERNS.index(o.pattern) if o.pattern else -100,
+        "size": SIZES.index(o.size) if o.size else -100,
+        "held_item": 1 + ITEMS.index(held.category) if held is not None else 0,
+        "held_item_color": COLOR_NAMES.index(held.color) if held is not None and held.color else -100,
+    }
+    return [values[n] for n in names]
 
 
 @dataclass
@@ -71,7 +99,7 @@ class Item:
 class WorldTasks:
     def __init__(
         self,
-        processor: PerceiverProcessor,
+        processor: ChatRexProcessor,
         world: WorldConfig,
         seed: int = 0,
         task_weights: dict[str, float] | None = None,
@@ -104,6 +132,12 @@ class WorldTasks:
         if questions_per_scene < 1:
             raise ValueError(f"questions_per_scene must be at least 1, got {questions_per_scene}")
         self.questions_per_scene = questions_per_scene
+        # the label columns of the model's attribute heads, which must be what the world labels
+        self.attributes = list(getattr(processor.config, "attribute_heads", {}))
+        unlabelled = [a for a in self.attributes if a not in WORLD_ATTRIBUTES]
+        if unlabelled:
+            raise ValueError(f"the model has attribute heads {unlabelled} that the world does not label; it labels "
+                             f"{', '.join(WORLD_ATTRIBUTES)}")  # fmt: skip
 
     def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:
         gt = np.array([o.box for o in scene.objects], dtype=np.float32)
@@ -162,9 +196,8 @@ class WorldTasks:
             ex = self.processor.example(qa.question, 0, qa.answer)
             return Item(ex, scene.image, np.zeros((0, 4), dtype=np.float32), [], [], scene, qa)
         ex = self.processor.example(qa.question, len(boxes), qa.answer, qa.groups, rng)
-        return Item(
-            ex, scene.image, boxes / side, box_objects, [attribute_targets(scene, o) for o in box_objects], scene, qa
-        )
+        attributes = [attribute_targets(scene, o, self.attributes) for o in box_objects]
+        return Item(ex, scene.image, boxes / side, box_objects, attributes, scene, qa)
 
     def batch(self, indices: list[int], task: str | None = None) -> tuple[dict, list[Item]]:
         """The items ``indices`` collated; with several questions on one scene, its pixels come once
@@ -183,31 +216,36 @@ class WorldTasks:
         if len(scenes) < len(items):
             batch["image_index"] = torch.tensor(rows)
         k = batch["boxes"].shape[1]
-        attrs = torch.full((len(items), k, ATTRIBUTE_TARGETS), -100, dtype=torch.long)
+        attrs = torch.full((len(items), k, len(self.attributes)), -100, dtype=torch.long)
         for i, it in enumerate(items):
-            if it.attributes:
+            if it.attributes and self.attributes:
                 attrs[i, : len(it.attributes)] = torch.tensor(it.attributes)
-        batch.update(pixels, attribute_labels=attrs, **pointer_targets(items, batch["group_positions"].shape[1], k))
+        groupings = getattr(self.processor.config, "order_groupings", [])
+        batch.update(pixels, attribute_labels=attrs,
+                     **pointer_targets(items, batch["group_positions"].shape[1], k, groupings))  # fmt: skip
         return batch, items
 
 
-def order_target(program: dict) -> int:
-    """The order feature (``perceive.models.object_order.order_features``' column) that an extreme or
-    ordinal expression asks for: "the second red circle from the left" is the box with one red circle
-    to its left. -1 for every other program, and for a noun phrase no order grouping counts by."""
+def order_target(program: dict, groupings: list[list[str]]) -> int:
+    """The order feature (``perceive.models.chatrex.object_order.order_features``' column, for a model counting
+    by ``groupings``) that an extreme or ordinal expression asks for: "the second red circle from the left" is
+    the box with one red circle to its left. -1 for every other program, for a noun phrase no order grouping
+    counts by, and for a grouping the model does not count by."""
     if program["form"] not in ("extreme", "ordinal"):
         return -1
     np_ = program["np"]
     if set(np_) - {"kind", "noun", "color", "shirt"} or (np_["kind"] != "person" and "noun" not in np_):
         return -1
-    grouping = "category_and_color" if "color" in np_ or "shirt" in np_ else "category"
-    return order_feature_index(grouping, program["direction"], program.get("k", 1) - 1)
+    wanted = ["category", "color"] if "color" in np_ or "shirt" in np_ else ["category"]
+    if wanted not in groupings:
+        return -1
+    return order_feature_index(groupings.index(wanted), program["direction"], program.get("k", 1) - 1)
 
 
-def pointer_targets(items: list[Item], groups: int, boxes: int) -> dict[str, torch.Tensor]:
+def pointer_targets(items: list[Item], groups: int, boxes: int, groupings: list[list[str]]) -> dict[str, torch.Tensor]:
     """What each referring group's expression tells the pointer's additions, aligned with the collated
     ``group_positions``: ``group_anchors`` ``[B, G, K]`` the boxes of its anchor object (none without one)
-    and ``group_order`` ``[B, G]`` its ``order_target`` (-1 without one)."""
+    and ``group_order`` ``[B, G]`` its ``order_target`` for the model's order ``groupings`` (-1 without one)."""
     anchors = torch.zeros(len(items), groups, boxes, dtype=torch.bool)
     order = torch.full((len(items), groups), -1, dtype=torch.long)
     for i, it in enumerate(items):
@@ -216,7 +254,7 @@ def pointer_targets(items: list[Item], groups: int, boxes: int) -> dict[str, tor
         meta = getattr(it.qa, "meta", {})
         for g, (program, anchor) in enumerate(zip(meta.get("programs", []), meta.get("anchors", []), strict=True)):
             anchors[i, g, anchor] = True
-            order[i, g] = order_target(program)
+            order[i, g] = order_target(program, groupings)
     return {"group_anchors": anchors, "group_order": order}
 
 
@@ -235,7 +273,7 @@ def coordinate_answer(scene: Scene, phrases: list[str], groups: list[list[int | 
 
 def propose(upn, images: list[np.ndarray]) -> list[np.ndarray]:
     """UPN proposals (xyxy pixels of each image), prepared as at inference (``square_pixels``)."""
-    from perceive.models.modeling_upn import square_pixels
+    from perceive.models.image_processing import square_pixels
 
     size = upn.config.image_size
     was_training = upn.training

@@ -27,13 +27,15 @@ import torch
 import torch.distributed as dist
 
 from perceive.data.tasks import check_refer_options
-from perceive.models.configuration_perceiver import PerceiverConfig, named_config
-from perceive.models.modeling_perceiver import PerceiverForRetrieval
-from perceive.models.modeling_upn import UpnModel, normalize_image
-from perceive.processing import PerceiverProcessor
+from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, ChatRexConfig, named_config
+from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
+from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
+from perceive.models.image_processing import normalize_image
+from perceive.models.upn.configuration_upn import UpnConfig
+from perceive.models.upn.modeling_upn import UpnModel
 from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, build_world_tokenizer, load_tokenizer
 from perceive.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from perceive.train.data import WorldTasks
+from perceive.train.data import WORLD_ORDER_GROUPINGS, WorldTasks, world_model_options
 from perceive.world.generator import WorldConfig, generate_scene
 
 ALIGNMENT_TASKS = {"region_category": 2.0, "region_phrase": 1.0, "caption_brief": 1.0}
@@ -69,6 +71,10 @@ class Recipe:
     refer_expressions: int = 3  # at most this many expressions in one referring query
     # a batch of the MLLM asks this many questions of each scene, which it encodes once (``WorldTasks``)
     questions_per_scene: int = 1
+    # the attribute heads the model learns, of those the world labels (None: all of them, ``WORLD_ATTRIBUTES``)
+    attributes: list[str] | None = None
+    # the ways of being alike that a model with order_embedding counts ranks by
+    order_groupings: list[list[str]] = field(default_factory=lambda: [list(g) for g in WORLD_ORDER_GROUPINGS])
     checkpoint_every: int = 100
     seed: int = 0
     # the MLLM's initialisation and data order when they should differ from the UPN's (None: ``seed``)
@@ -83,6 +89,11 @@ class Recipe:
         if self.questions_per_scene < 1 or self.batch_size % self.questions_per_scene:
             raise ValueError(f"questions_per_scene must divide batch_size ({self.batch_size}), "
                              f"got {self.questions_per_scene}")  # fmt: skip
+        world_model_options(self.attributes, self.order_groupings)  # names the world does not label fail now
+
+    def model_options(self) -> dict:
+        """The configuration fields this recipe's data decides: the attribute heads and what reads them."""
+        return world_model_options(self.attributes, self.order_groupings)
 
     @property
     def total_steps(self) -> int:
@@ -90,14 +101,9 @@ class Recipe:
 
 
 RECIPES = {
-    # sized to the 45-minute budget on 2 cores: measured UPN 8 min at 2.5 steps/s, its box refinement 4 min at
-    # 3.4; the MLLM asks four questions of each scene, which makes a step 1.8x cheaper, and spends that on 1.8x
-    # the steps of one question a scene (2,600 steps, 30-33 min at 1.33-1.43 steps/s in bf16): in float32 on a
-    # CPU without bf16, 4,680 steps took 64 min against 68 for the 2,600. Eager attention (``TINY``) makes a bf16
-    # step 1.24x faster, spent on ``TINY``'s fifth LM layer and 1.13x the steps (5,270: 26-29.5 min at 3.0-3.3
-    # steps/s); that layer alone lost negation, which drawing it twice as often restored. Of five MLLM seeds, 0
-    # scored best on the benchmark's validation scenes (referring DF1 87.5, against 86.0 / 83.8 / 81.6 / 84.1 for
-    # seeds 1-4 and 83.5 for the model before; README, "Round 22")
+    # sized to the 45-minute budget on 2 cores with bf16 (UPN 8 min, its refinement 4, the MLLM's 5,270 steps 26-29.5);
+    # four questions a scene make a step 1.8x cheaper; MLLM seed 0 scored best of five on the validation scenes.
+    # The measurements behind each number: docs/experiments/chatrex.md ("Round 22" and before)
     "tiny": Recipe(precision="bf16", mllm_seed=0, questions_per_scene=4, refer_weights={"reasoning/negation": 2.0},
                    stages=[Stage("alignment", 400, 1e-3, "alignment", ALIGNMENT_TASKS),
                            Stage("perception", 3550, 6e-4, "all", PERCEPTION_TASKS),
@@ -110,13 +116,17 @@ RECIPES = {
 }  # fmt: skip
 
 
-def build_model(config_name: str, tokenizer, **overrides) -> PerceiverForRetrieval:
+def build_model(config_name: str, tokenizer, **overrides) -> ChatRexForConditionalGeneration:
+    """A new model of a named configuration with ``tokenizer``'s vocabulary and placeholder ids; ``overrides``
+    carry what the training data decides (``Recipe.model_options``)."""
     ids = tokenizer.convert_tokens_to_ids
-    base = named_config(config_name)
-    cfg = named_config(config_name, text_config={**base.text_config, "vocab_size": len(tokenizer)},
+    if config_name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown config {config_name!r}; known: {', '.join(NAMED_CONFIGS)}")
+    text_config = cast(dict, NAMED_CONFIGS[config_name]["text_config"])
+    cfg = named_config(config_name, text_config={**text_config, "vocab_size": len(tokenizer)},
                        image_token_id=ids(IMAGE), roi_token_id=ids(ROI), assistant_token_id=ids(ASSISTANT),
                        obj_token_ids=[ids(t) for t in OBJ_TOKENS], **overrides)  # fmt: skip
-    return PerceiverForRetrieval(cfg)
+    return ChatRexForConditionalGeneration(cfg)
 
 
 def cpu_has_bf16() -> bool:
@@ -136,13 +146,13 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def set_trainable(model: PerceiverForRetrieval, mode: str) -> None:
+def set_trainable(model: ChatRexForConditionalGeneration, mode: str) -> None:
     """ChatRex's stage 1 trains the projectors and the new tokens' embeddings; later stages everything."""
     for name, p in model.named_parameters():
         if mode == "all":
             p.requires_grad_(True)
         else:
-            frozen = name.startswith(("vit.", "convnext.", "language_model.model.layers", "language_model.model.norm"))
+            frozen = name.startswith(("vision.", "language_model.model.layers", "language_model.model.norm"))
             p.requires_grad_(not frozen)
 
 
@@ -284,7 +294,7 @@ def train_upn(
     """Train (or load the trained) UPN; None if ``stop_after`` ended the phase early."""
     if (out / "upn" / "model.safetensors").is_file():
         return UpnModel.from_pretrained(str(out / "upn"))
-    cfg = named_config(recipe.model).upn()
+    cfg = UpnConfig(**cast(dict, NAMED_CONFIGS[recipe.model]["upn_config"]))
     world = WorldConfig(**{**recipe.world, "size": cfg.image_size})
     torch.manual_seed(recipe.seed)
     upn = UpnModel(cfg)
@@ -339,8 +349,8 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
         return out
     seed = recipe.seed if recipe.mllm_seed is None else recipe.mllm_seed
     torch.manual_seed(seed)
-    model = build_model(recipe.model, tokenizer)
-    processor = PerceiverProcessor(tokenizer, cast(PerceiverConfig, model.config))
+    model = build_model(recipe.model, tokenizer, **recipe.model_options())
+    processor = ChatRexProcessor(tokenizer, cast(ChatRexConfig, model.config))
     world = WorldConfig(**recipe.world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stages[0].lr, weight_decay=0.01)
     starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from perceive.keypoints import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
+
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 ITEMS = ("ball", "cup", "flag")
 PARTS = ("head", "torso", "arm", "leg", "hat")
@@ -37,46 +39,8 @@ STUFF: dict[str, tuple[int, int, int]] = {
 SKIN = (230, 190, 160)
 TROUSERS = (60, 60, 90)
 # COCO's 17 person keypoints, in COCO order; "left" is the person's own left (image right: figures face us).
-KEYPOINTS = (
-    "nose",
-    "left_eye",
-    "right_eye",
-    "left_ear",
-    "right_ear",
-    "left_shoulder",
-    "right_shoulder",
-    "left_elbow",
-    "right_elbow",
-    "left_wrist",
-    "right_wrist",
-    "left_hip",
-    "right_hip",
-    "left_knee",
-    "right_knee",
-    "left_ankle",
-    "right_ankle",
-)
-SKELETON = (
-    (16, 14),
-    (14, 12),
-    (17, 15),
-    (15, 13),
-    (12, 13),
-    (6, 12),
-    (7, 13),
-    (6, 7),
-    (6, 8),
-    (7, 9),
-    (8, 10),
-    (9, 11),
-    (2, 3),
-    (1, 2),
-    (1, 3),
-    (2, 4),
-    (3, 5),
-    (4, 6),
-    (5, 7),
-)
+KEYPOINTS = COCO_PERSON_KEYPOINTS
+SKELETON = COCO_PERSON_SKELETON
 
 
 def category_table() -> list[dict]:

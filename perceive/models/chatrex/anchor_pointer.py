@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from perceive.boxes import area, pairwise_intersection
-from perceive.models.object_order import count_bins
+from perceive.models.chatrex.object_order import count_bins
 
 ANCHOR_SOFTNESS = 0.01  # of the image side, as the object order's
 NEAR_GAPS = (0.0, 0.1, 0.2)  # of the image side: touching, near, within reach

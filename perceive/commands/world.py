@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from perceive.commands import CliError
 from perceive.world.generator import WorldConfig
 
 
 def _config(args: argparse.Namespace) -> WorldConfig:
-    from perceive.cli import CliError
-
     cfg = WorldConfig(
         size=args.size,
         min_objects=args.min_objects,
@@ -26,7 +25,6 @@ def _config(args: argparse.Namespace) -> WorldConfig:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from perceive.cli import CliError
     from perceive.world.export import write_dataset
 
     cfg = _config(args)
@@ -42,7 +40,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     world = sub.add_parser("world", help="the synthetic scene world")
     wsub = world.add_subparsers(dest="world_command", required=True, metavar="COMMAND", parser_class=type(world))
     g = wsub.add_parser("generate", help="write N scenes with annotations in COCO, HumanRef, RefCOCO formats")

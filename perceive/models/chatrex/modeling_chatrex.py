@@ -1,21 +1,20 @@
 """The retrieval perception MLLM (ChatRex, Sec. 3.2-3.3): boxes go in as object tokens, the language
 model answers with their indices.
 
-- Dual vision encoder: a CLIP ViT at low resolution gives the image tokens; a ConvNeXt at high
-  resolution gives a feature pyramid. Its last map is pooled to the ViT's grid and concatenated to
-  the ViT tokens along channels (the paper's "same number of tokens at the last scale").
-- Object encoder: multi-scale RoI Align over the ConvNeXt pyramid (plus, optionally, the RGB image as
-  one more level), mean-pooled (or, with ``roi_pooling="flatten"``, the grid kept whole), plus a
-  sine-cosine embedding of the normalised box (cx, cy, w, h), through an MLP projector into the
-  language model's width: one ``<roi>`` token per box, each after its ``<objK>`` index token (or,
-  with ``box_tokens="fused"``, one token that is both).
+- Dual vision encoder (``perceive.models.vision``): image tokens from a CLIP ViT at low resolution, a
+  feature pyramid from a ConvNeXt at high resolution; ``image_projector`` maps the tokens into the
+  language model's width.
+- Object encoder (``perceive.models.object_encoder``): one feature vector per box from the pyramid;
+  ``object_projector`` maps it into the language model's width: one ``<roi>`` token per box, each after
+  its ``<objK>`` index token (or, with ``box_tokens="fused"``, one token that is both). Attribute heads
+  named by the training data classify each object; their reading can enter its token.
 - Language model: transformers' Qwen2 with the extended vocabulary of ``perceive.tokenization``.
 
 Losses: next-token cross-entropy on the answer, where a step that emits an object index is scored by
 the probability of *any* not-yet-emitted member of its group (the order of indices within a group
 carries no meaning, so training does not impose one); optionally a per-box membership loss at each
-``<objects>`` token and attribute-classification losses on the object features, which teach the
-object tokens colour, shape, pattern and size early.
+``<objects>`` token and the attribute heads' classification losses, which teach the object tokens what
+the data labels early.
 """
 
 from __future__ import annotations
@@ -26,32 +25,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import CLIPVisionModel, ConvNextModel, PreTrainedModel, Qwen2ForCausalLM
+from transformers import PreTrainedModel, Qwen2ForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from perceive.boxes import multi_level_roi_align, roi_align
-from perceive.models.anchor_pointer import AnchorPointer, anchor_geometry
-from perceive.models.configuration_perceiver import HOLDING_ATTRIBUTES, POINTER_ORDER_EMBEDDINGS, PerceiverConfig
-from perceive.models.object_order import ORDER_FEATURES, order_features
-from perceive.models.object_relation import ObjectRelationEncoder
-
-
-def box_position_embedding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Sine-cosine embedding of normalised xyxy boxes through (cx, cy, w, h): ``[..., 4] -> [..., dim]``."""
-    if dim % 8:
-        raise ValueError(f"position_dim must be a multiple of 8, got {dim}")
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    coords = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)  # [..., 4]
-    n_freq = dim // 8
-    freqs = temperature ** (torch.arange(n_freq, dtype=boxes.dtype, device=boxes.device) / n_freq)
-    angles = coords[..., None] * 2 * math.pi / freqs  # [..., 4, F]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
-
-
-def box_coordinates(boxes: torch.Tensor) -> torch.Tensor:
-    """Normalised xyxy boxes as (cx, cy, w, h) scaled to about [-1, 1]: ``[..., 4] -> [..., 4]``."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([x0 + x1 - 1, y0 + y1 - 1, 2 * (x1 - x0), 2 * (y1 - y0)], dim=-1)
+from perceive.models.chatrex.anchor_pointer import AnchorPointer, anchor_geometry
+from perceive.models.chatrex.configuration_chatrex import POINTER_ORDER_EMBEDDINGS, ChatRexConfig
+from perceive.models.chatrex.object_order import order_feature_count, order_features
+from perceive.models.chatrex.object_relation import ObjectRelationEncoder
+from perceive.models.generation import CACHE_ARGUMENT, output_cache
+from perceive.models.object_encoder import ObjectEncoder, box_coordinates
+from perceive.models.vision import DualVisionEncoder
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -59,20 +42,20 @@ def _mlp(d_in: int, d_out: int) -> nn.Sequential:
 
 
 @dataclass
-class PerceiverOutput:
+class ChatRexOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    past_key_values: object | None = None
+    cache: object | None = None  # the language model's KV cache, with use_cache
     pointer_keys: torch.Tensor | None = None
     # per-box inputs of the pointer's additions: with anchor_pointer the boxes' anchor keys and geometry,
     # with order_embedding="pointer_reading" their order features
     pointer_inputs: dict[str, torch.Tensor] | None = None
 
 
-class PerceiverPreTrainedModel(PreTrainedModel):
-    config_class = PerceiverConfig
-    base_model_prefix = "perceiver"
+class ChatRexPreTrainedModel(PreTrainedModel):
+    config_class = ChatRexConfig
+    base_model_prefix = "chatrex"
     supports_gradient_checkpointing = False
     _supports_sdpa = True
 
@@ -105,31 +88,30 @@ class PerceiverPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
-class PerceiverForRetrieval(PerceiverPreTrainedModel):
-    def __init__(self, config: PerceiverConfig) -> None:
+class ChatRexForConditionalGeneration(ChatRexPreTrainedModel):
+    def __init__(self, config: ChatRexConfig) -> None:
         super().__init__(config)
-        self.vit = CLIPVisionModel(config.vision())
-        self.convnext = ConvNextModel(config.convnext())
+        self.vision = DualVisionEncoder(config.vision(), config.convnext())
         self.language_model = Qwen2ForCausalLM(config.text())
         hidden = config.text().hidden_size
-        conv_channels = list(config.convnext().hidden_sizes or [])
-        self.image_projector = _mlp(config.vision().hidden_size + conv_channels[-1], hidden)
-        roi_in = sum(conv_channels) + (3 if config.roi_rgb_level else 0)
-        if config.roi_pooling == "flatten":
-            roi_in *= config.roi_output_size**2
-        self.roi_proj = nn.Linear(roi_in, config.object_dim)
-        self.position_proj = nn.Linear(config.position_dim, config.object_dim)
+        self.image_projector = _mlp(self.vision.token_channels, hidden)
+        self.object_encoder = ObjectEncoder(
+            self.vision.pyramid_channels, config.object_dim, config.position_dim, config.roi_output_size,
+            config.roi_rgb_level, config.roi_pooling,
+        )  # fmt: skip
         self.object_projector = _mlp(config.object_dim, hidden)
-        attributes = config.attribute_classes()
+        heads = config.attribute_heads
+        grid = self.object_encoder.grid_channels
         self.attribute_heads = nn.ModuleDict(
-            {k: nn.Linear(roi_in if k in HOLDING_ATTRIBUTES else config.object_dim, n) for k, n in attributes.items()}
+            {k: nn.Linear(grid if k in config.grid_attribute_heads else config.object_dim, n) for k, n in heads.items()}
         )
         if config.attribute_embedding:
-            self.attribute_embedding = nn.Linear(sum(attributes.values()), hidden)
+            self.attribute_embedding = nn.Linear(sum(heads.values()), hidden)
         if config.coordinate_embedding:
             self.coordinate_embedding = nn.Linear(4, hidden)
+        order = order_feature_count(len(config.order_groupings))
         if config.order_embedding == "object_tokens":
-            self.order_embedding = nn.Linear(ORDER_FEATURES, hidden)
+            self.order_embedding = nn.Linear(order, hidden)
         if config.relation_layers:
             self.object_relation = ObjectRelationEncoder(hidden, config.relation_layers, config.relation_heads)
         if config.index_head == "pointer":
@@ -137,10 +119,10 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             self.pointer_key = nn.Linear(hidden, hidden)
             if config.order_embedding == "pointer_keys":
                 with torch.random.fork_rng():  # the other weights initialise as they would without it
-                    self.order_key = nn.Linear(ORDER_FEATURES, hidden)
+                    self.order_key = nn.Linear(order, hidden)
             if config.order_embedding == "pointer_reading":
                 with torch.random.fork_rng():
-                    self.order_reading = nn.Linear(hidden, ORDER_FEATURES)  # which counts the query asks for
+                    self.order_reading = nn.Linear(hidden, order)  # which counts the query asks for
             if config.anchor_pointer:  # last: its initialisation draws after every other weight's
                 with torch.random.fork_rng():
                     self.anchor_pointer = AnchorPointer(hidden)
@@ -152,11 +134,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
 
     def encode_image(self, pixel_low: torch.Tensor, pixel_high: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Image tokens ``[B, G*G, H]`` and the ConvNeXt pyramid (strides 4, 8, 16, ...)."""
-        vit = self.vit(pixel_values=pixel_low).last_hidden_state[:, 1:]  # drop CLS
-        levels = list(self.convnext(pixel_high, output_hidden_states=True).hidden_states[1:])
-        g = self.config.image_grid
-        pooled = F.adaptive_avg_pool2d(levels[-1], g).flatten(2).transpose(1, 2)
-        return self.image_projector(torch.cat([vit, pooled], dim=-1)), levels
+        tokens, levels = self.vision(pixel_low, pixel_high)
+        return self.image_projector(tokens), levels
 
     def encode_objects(
         self, levels: list[torch.Tensor], rgb_high: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor
@@ -165,44 +144,33 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         features ``[B, K, object_dim]``, object tokens ``[B, K, H]``, the attribute heads' logits side by
         side ``[B, K, sum of classes]``, and what the pointer's additions read: with
         ``order_embedding="pointer_keys"`` or ``"pointer_reading"`` the object order features
-        ``[B, K, ORDER_FEATURES]``, with ``anchor_pointer`` the category head's probabilities (detached)
-        ``[B, K, categories]``."""
-        b, k, _ = boxes.shape
-        size = self.config.high_resolution
-        flat = boxes.reshape(-1, 4) * size
-        rois = torch.cat([torch.arange(b, device=boxes.device).repeat_interleave(k)[:, None].to(flat), flat], dim=1)
-        strides = [size // lv.shape[-1] for lv in levels]
-        s = self.config.roi_output_size
-        grid = multi_level_roi_align(levels, rois, s, strides, sampling_ratio=2, aligned=True, reduce="concat")
-        if self.config.roi_rgb_level:
-            grid = torch.cat([grid, roi_align(rgb_high, rois, s, 1.0, sampling_ratio=2, aligned=True)], dim=1)
-        feats = grid.flatten(1) if self.config.roi_pooling == "flatten" else grid.mean(dim=(2, 3))
-        obj = self.roi_proj(feats) + self.position_proj(
-            box_position_embedding(boxes.reshape(-1, 4), self.config.position_dim)
-        )
-        obj = obj.reshape(b, k, -1) * box_mask[..., None]
-        # the holding heads read the RoI grid, detached: sharing the object features, they cost the
-        # category head a sixth of its circles and hexagons
-        grid_feats = feats.detach().reshape(b, k, -1)
-        heads = [head(grid_feats if name in HOLDING_ATTRIBUTES else obj) for name, head in self.attribute_heads.items()]
+        ``[B, K, order features]``, with ``anchor_pointer`` the alike head's probabilities (detached)
+        ``[B, K, classes]``."""
+        cfg = self.config
+        obj, grid = self.object_encoder(levels, rgb_high, boxes, box_mask)
+        # the grid heads read the RoI grid, detached: sharing the object features, the world's held-item heads
+        # cost the category head a sixth of its circles and hexagons
+        grid = grid.detach()
+        heads = [head(grid if name in cfg.grid_attribute_heads else obj) for name, head in self.attribute_heads.items()]
         tokens = self.object_projector(obj)
-        encoded = {"object_features": obj, "attribute_logits": torch.cat(heads, dim=-1)}
-        if self.config.attribute_embedding or self.config.order_embedding != "none" or self.config.anchor_pointer:
+        logits = torch.cat(heads, dim=-1) if heads else obj.new_zeros(*obj.shape[:2], 0)
+        encoded = {"object_features": obj, "attribute_logits": logits}
+        if cfg.attribute_embedding or cfg.order_embedding != "none" or cfg.anchor_pointer:
             # the heads' own reading, as given: the attribute loss alone decides what it says
             probs = {name: v.detach().softmax(dim=-1) for name, v in zip(self.attribute_heads, heads, strict=True)}
-        if self.config.attribute_embedding:
+        if cfg.attribute_embedding:
             tokens = tokens + self.attribute_embedding(torch.cat(list(probs.values()), dim=-1)) * box_mask[..., None]
-        if self.config.coordinate_embedding:
+        if cfg.coordinate_embedding:
             tokens = tokens + self.coordinate_embedding(box_coordinates(boxes)) * box_mask[..., None]
-        if self.config.order_embedding != "none":
-            order = order_features(boxes, box_mask, probs["category"], probs["color"])
-            if self.config.order_embedding == "object_tokens":
+        if cfg.order_embedding != "none":
+            order = order_features(boxes, box_mask, [[probs[name] for name in g] for g in cfg.order_groupings])
+            if cfg.order_embedding == "object_tokens":
                 tokens = tokens + self.order_embedding(order) * box_mask[..., None]
             else:
                 encoded["object_order"] = order
-        if self.config.anchor_pointer:  # what makes boxes alike for the anchor geometry's "between"
-            encoded["object_category"] = probs["category"]
-        if self.config.relation_layers:  # last, so the relation layers read the attributes' clear directions too
+        if cfg.anchor_pointer:  # what makes boxes alike for the anchor geometry's "between"
+            encoded["object_alike"] = probs[cfg.alike_head]
+        if cfg.relation_layers:  # last, so the relation layers read the attributes' clear directions too
             tokens = self.object_relation(tokens, boxes, box_mask)
         return {**encoded, "object_tokens": tokens}
 
@@ -317,7 +285,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor] | None]:
         """Object K's key: the language model's hidden state at its token, plus with
         ``order_embedding="pointer_keys"`` its order features (``encode_objects``'s ``object_order``);
-        and what the pointer's additions read per box (``PerceiverOutput.pointer_inputs``): with
+        and what the pointer's additions read per box (``ChatRexOutput.pointer_inputs``): with
         ``anchor_pointer`` the boxes' anchor keys and ``anchor_geometry``, with
         ``order_embedding="pointer_reading"`` their order features."""
         if self.config.index_head != "pointer":
@@ -327,7 +295,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         object_hidden[box_mask] = hidden[roi_pos]
         keys = self.pointer_key(object_hidden)
         needs = {"object_order": self.config.order_embedding in POINTER_ORDER_EMBEDDINGS,
-                 "object_category": self.config.anchor_pointer}  # fmt: skip
+                 "object_alike": self.config.anchor_pointer}  # fmt: skip
         missing = [name for name, needed in needs.items() if needed and name not in visual]
         if missing:
             raise ValueError(f"this configuration's pointer reads {missing} of encode_visual's output")
@@ -335,9 +303,9 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
             keys = keys + self.order_key(visual["object_order"].to(keys.dtype)) * box_mask[..., None]
         inputs: dict[str, torch.Tensor] = {}
         if self.config.anchor_pointer:
-            category = visual["object_category"].float()
+            alike = visual["object_alike"].float()
             inputs["anchor_keys"] = self.anchor_pointer.key(object_hidden)
-            inputs["anchor_geometry"] = anchor_geometry(boxes.float(), box_mask, category @ category.transpose(1, 2))
+            inputs["anchor_geometry"] = anchor_geometry(boxes.float(), box_mask, alike @ alike.transpose(1, 2))
         if self.config.order_embedding == "pointer_reading":
             inputs["object_order"] = visual["object_order"]
         return keys, inputs or None
@@ -362,8 +330,8 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
                              "token, and the config's assistant_token_id set")  # fmt: skip
         prefix = assistant.long().cumsum(dim=1) - assistant.long() == 0  # up to and including the first one
         blocks = torch.where(prefix, 0, -1)  # block 0 attends within itself both ways; -1 stays causal
-        mask = create_causal_mask(config=self.language_model.config, inputs_embeds=embeds,
-                                  attention_mask=attention_mask, past_key_values=None, position_ids=position_ids,
+        # the cache (none yet) is passed by position: transformers 5.24 renamed its argument
+        mask = create_causal_mask(self.language_model.config, embeds, attention_mask, None, position_ids=position_ids,
                                   block_sequence_ids=blocks)  # fmt: skip
         return {"full_attention": mask}
 
@@ -431,7 +399,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
         image_index: torch.Tensor | None = None,
-    ) -> PerceiverOutput:
+    ) -> ChatRexOutput:
         """``image_index``: the pixel row each prompt asks about, when prompts share images (None: one
         image a prompt). ``group_anchors`` ``[B, G, K]`` and ``group_order`` ``[B, G]``: what each group's
         expression tells the pointer's additions (``perceive.train.data.pointer_targets``), read by the
@@ -472,7 +440,7 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
                 + self.config.anchor_loss_weight * losses.get("anchor", 0.0)
                 + self.config.order_loss_weight * losses.get("order", 0.0)
             )
-        return PerceiverOutput(loss, logits, losses, out.past_key_values if use_cache else None, keys, pointer_inputs)
+        return ChatRexOutput(loss, logits, losses, output_cache(out) if use_cache else None, keys, pointer_inputs)
 
     def _answer_loss(
         self,
@@ -559,10 +527,66 @@ class PerceiverForRetrieval(PerceiverPreTrainedModel):
         return F.cross_entropy(self.order_reading(states).float(), targets[valid])
 
     def _attribute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over the heads of each head's cross-entropy on the boxes it has a label for (-100: none);
+        ``labels`` ``[B, K, heads]`` in ``config.attribute_heads``' order."""
         total = logits.sum() * 0
-        heads = logits.split(list(self.config.attribute_classes().values()), dim=-1)
-        for i, head_logits in enumerate(heads):
+        sizes = list(self.config.attribute_heads.values())
+        if not sizes:
+            return total
+        if labels.shape[-1] != len(sizes):
+            raise ValueError(f"attribute_labels have {labels.shape[-1]} columns; the model has {len(sizes)} heads "
+                             f"({', '.join(self.config.attribute_heads)})")  # fmt: skip
+        for i, head_logits in enumerate(logits.split(sizes, dim=-1)):
             target = labels[..., i]
             if (target >= 0).any():
                 total = total + F.cross_entropy(head_logits[target >= 0], target[target >= 0])
-        return total / len(heads)
+        return total / len(sizes)
+
+    # ------------------------------------------------------------------------------------------
+    # decoding
+    # ------------------------------------------------------------------------------------------
+
+    def begin_decoding(self, batch: dict) -> ChatRexDecoding:
+        """A decoding session (``perceive.models.generation``) over a left-padded batch from
+        ``ChatRexProcessor.collate(..., pad_left=True)``, with pixel tensors or with ``visual``, the output of
+        ``encode_visual`` for the same boxes."""
+        return ChatRexDecoding(self, batch)
+
+
+_FORWARD_KEYS = ("input_ids", "attention_mask", "boxes", "box_mask")
+
+
+class ChatRexDecoding:
+    """The prompt's forward pass with a KV cache, then one token per sample per ``step``. Generated
+    ``<objK>`` tokens carry object features as in the prompt, and every step's index scores read the
+    prompt's pointer keys."""
+
+    @torch.no_grad()
+    def __init__(self, model: ChatRexForConditionalGeneration, batch: dict) -> None:
+        self.model = model
+        self.attention = batch["attention_mask"]
+        position_ids = (self.attention.cumsum(-1) - 1).clamp(min=0)
+        visual = batch.get("visual")
+        if visual is None:  # encoded once here: generated <objK> tokens carry object features too
+            visual = model.encode_visual(
+                *(batch[k] for k in ("pixel_low", "pixel_high", "rgb_high", "boxes", "box_mask"))
+            )
+        self.visual, self.box_mask = visual, batch["box_mask"]
+        inputs = {k: v for k, v in batch.items() if k in _FORWARD_KEYS}
+        out = model(**inputs, visual=visual, position_ids=position_ids, use_cache=True)
+        self.cache, self.keys, self.pointer_inputs = out.cache, out.pointer_keys, out.pointer_inputs
+        self.logits = out.logits[:, -1]
+        self.next_position = position_ids[:, -1] + 1
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        new = tokens[:, None]
+        self.attention = torch.cat([self.attention, torch.ones_like(new)], dim=1)
+        emb = self.model.embed_generated(new, self.visual["object_tokens"], self.box_mask)
+        lm = self.model.language_model.model(inputs_embeds=emb, attention_mask=self.attention,
+                                             position_ids=self.next_position[:, None], use_cache=True,
+                                             **{CACHE_ARGUMENT: self.cache})  # fmt: skip
+        self.cache = output_cache(lm)
+        self.next_position = self.next_position + 1
+        self.logits = self.model._logits(lm.last_hidden_state, self.keys, self.box_mask, self.pointer_inputs)[:, -1]
+        return self.logits

@@ -1,90 +1,27 @@
 """The universal proposal network (UPN, ChatRex Sec. 3.1): class-agnostic boxes with scores at two
 granularities, coarse (instances) and fine (parts).
 
-ChatRex builds its UPN on T-Rex2, a DETR-style detector, and classifies each query by a dot product
-with two learned granularity prompts (its Eq. 2). DETR-style training converges far too slowly for
-a CPU, so this UPN keeps the prompts and the dot-product classification but puts them on a dense,
-centre-based head (CenterNet, Zhou et al. 2019) over a ConvNeXt feature pyramid: every stride-4
-location has an embedding; its score for granularity g is ``<embedding, prompt_g>``; it also
-regresses a box. Peaks of the score maps become proposals, non-maximum suppression per granularity
-removes duplicates, and the best ``max_proposals`` (100, the number of ``<objK>`` tokens) are kept.
-
-With ``cross_granularity_iou`` a second suppression across the two granularities removes a box that
-nearly repeats a better box of the other granularity: both prompts fire on a held item or a small
-part, and the language model then sees the same object twice and names it twice. On the world's
-held-out scenes at 0.7 it removes 83% of the boxes that re-cover an already covered object (275 to
-48 in 100 scenes) and no recall (instances 99.1%, parts 99.5% either way). The default (None, off)
-keeps the paper's two independent sets.
-
-With ``box_refinement`` a second stage refines every candidate box before suppression, as two-stage
-detectors do and as T-Rex2's decoder layers refine theirs: RoI Align over the stride-4 features
-(``refine_grid`` cells a side) and over the pixels (twice as many, for the outline) in a window
-``refine_context`` times the box, and an MLP that regresses the box's correction (centre shift in
-box sizes, log size ratios). It trains after the first stage, on that stage's frozen features. The
-centre cell's regression alone sees too little of an outline: its boxes came out square for every
-world shape (diamonds too, whose true log aspect is -0.28). Refined, on the world's held-out scenes,
-the instances with a proposal at IoU >= 0.75 go from 74.0% to 92.3% (mean best IoU 0.80 -> 0.88)
-and diamonds' boxes take their shape.
+ChatRex builds its UPN on T-Rex2, a DETR-style detector, which trains far too slowly on a CPU. This
+one keeps ChatRex's two learned granularity prompts and its dot-product scoring (Eq. 2) but puts them
+on a dense, centre-based head (CenterNet, Zhou et al. 2019) over a ConvNeXt feature pyramid: every
+stride-4 location scores each granularity and regresses a box; peaks become proposals, suppressed per
+granularity (and, with ``cross_granularity_iou``, across the two: both prompts fire on a held item or a
+small part, and the language model would see one object twice), optionally refined by a second stage
+that reads the box's surroundings (``box_refinement``: the centre cell alone sees too little of an
+outline), the best ``max_proposals`` kept. Measurements: ``docs/experiments/upn.md``.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from transformers import ConvNextConfig, ConvNextModel, PretrainedConfig, PreTrainedModel
+from transformers import ConvNextConfig, ConvNextModel, PreTrainedModel
 
 from perceive.boxes import convert, nms, roi_align
-
-GRANULARITIES = ("coarse", "fine")
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-class UpnConfig(PretrainedConfig):
-    model_type = "perceive_upn"
-
-    def __init__(
-        self,
-        image_size: int = 256,
-        hidden_sizes: tuple[int, ...] = (32, 64, 128),
-        depths: tuple[int, ...] = (1, 1, 1),
-        head_dim: int = 64,
-        max_proposals: int = 100,
-        pre_nms_topk: int = 200,
-        nms_iou: float = 0.6,
-        min_score: float = 0.01,
-        cross_granularity_iou: float | None = None,
-        box_refinement: bool = False,
-        refine_grid: int = 7,
-        refine_context: float = 1.5,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.image_size = image_size
-        self.hidden_sizes = list(hidden_sizes)
-        self.depths = list(depths)
-        self.head_dim = head_dim
-        self.max_proposals = max_proposals
-        self.pre_nms_topk = pre_nms_topk
-        self.nms_iou = nms_iou
-        self.min_score = min_score
-        if cross_granularity_iou is not None and not 0.0 < cross_granularity_iou <= 1.0:
-            raise ValueError(f"cross_granularity_iou must be in (0, 1] or None, got {cross_granularity_iou}")
-        self.cross_granularity_iou = cross_granularity_iou
-        if refine_grid < 1 or refine_context < 1.0:
-            raise ValueError(f"refine_grid must be >= 1 and refine_context >= 1, got {refine_grid}, {refine_context}")
-        self.box_refinement = box_refinement
-        self.refine_grid = refine_grid
-        self.refine_context = refine_context
-
-    @property
-    def stride(self) -> int:
-        return 4
+from perceive.models.upn.configuration_upn import GRANULARITIES, UpnConfig
 
 
 class UpnModel(PreTrainedModel):
@@ -280,24 +217,3 @@ class UpnModel(PreTrainedModel):
                 keep = keep[nms(boxes[keep], scores[keep], cross, max_keep=cap)]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "granularity": gran[keep]})
         return results
-
-
-def square_pixels(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """The UPN's input: ``[H, W, 3]`` uint8 images padded at the right and bottom to a square (boxes
-    keep their shape; a box's pixels are its ``/ size * max(H, W)``), resized to ``size``, normalised."""
-    tensors = []
-    for im in images:
-        side = max(im.shape[:2])
-        square = np.zeros((side, side, 3), dtype=np.uint8)
-        square[: im.shape[0], : im.shape[1]] = im
-        if side != size:
-            square = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
-        tensors.append(torch.from_numpy(square.copy()).permute(2, 0, 1).float() / 255)
-    return normalize_image(torch.stack(tensors))
-
-
-def normalize_image(images: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, H, W]`` floats in [0, 1] to ImageNet-normalised pixel values."""
-    mean = torch.tensor(IMAGE_MEAN, dtype=images.dtype, device=images.device)[None, :, None, None]
-    std = torch.tensor(IMAGE_STD, dtype=images.dtype, device=images.device)[None, :, None, None]
-    return (images - mean) / std

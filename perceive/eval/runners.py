@@ -1,12 +1,11 @@
-"""``perceive eval METRIC --gt FILE --pred FILE [--out DIR] [--json] [--strict]``."""
+"""Each metric of ``perceive eval`` over its files: the ground truth and predictions read, checked and scored,
+one ``Report`` (and the plots it can draw) per metric. ``HANDLERS[metric](args, problems)`` takes the
+command's options; bad prediction records are counted in ``problems``."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -28,11 +27,9 @@ METRICS = {
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
-    from perceive.cli import CliError
-
     for n in names:
         if getattr(args, n.replace("-", "_")) is None:
-            raise CliError(f"{args.metric} needs --{n}")
+            raise ValueError(f"{args.metric} needs --{n}")
 
 
 def _coco_like(args: argparse.Namespace, problems: Problems) -> tuple[rep.Report, dict]:
@@ -302,89 +299,3 @@ HANDLERS = {
     "maps": _maps,
     "cider": _cider,
 }
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from perceive.cli import CliError
-    from perceive.data.readers import FormatError
-
-    problems = Problems(strict=args.strict)
-    try:
-        report, plots = HANDLERS[args.metric](args, problems)
-    except (FormatError, FileNotFoundError, ValueError) as e:
-        raise CliError(str(e)) from None
-    stdout = report.metrics.pop("_stdout", None)
-    report.metrics["skipped"] = problems.to_json()
-    if problems.skipped:
-        report.notes.append(
-            f"skipped {problems.skipped} bad prediction records: {dict(problems.reasons)} (e.g. {problems.examples[0]})"
-        )
-    if args.out:
-        rep.write(report, args.out, **plots)
-    if args.json:
-        obj = stdout if stdout is not None else {k: v for k, v in report.metrics.items() if k != "pr_curve"}
-        json.dump(obj, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(rep.markdown(report))
-        if args.out:
-            print(f"\nwrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'metrics.json'}")
-    return 0
-
-
-def cmd_benchmark(args: argparse.Namespace) -> int:
-    from perceive.cli import CliError
-    from perceive.eval import benchmark
-    from perceive.perceiver import Perceiver
-
-    if args.suite != "world":
-        raise CliError(f"unknown suite {args.suite!r}; known: world")
-    try:  # checked before the model loads
-        benchmark.held_out_seed(args.split, args.n)
-    except ValueError as e:
-        raise CliError(f"--n: {e}") from None
-    try:
-        perceiver = Perceiver.from_pretrained(args.model)
-    except FileNotFoundError as e:
-        raise CliError(str(e)) from None
-    report = benchmark.run(perceiver, n=args.n, progress=not args.quiet, split=args.split)
-    if args.out:
-        benchmark.write(report, args.out)
-    if args.json:
-        json.dump(report.metrics, sys.stdout, default=float)
-        print()
-    else:
-        sys.stdout.write(rep.markdown(report))
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("benchmark", help="run a model over held-out world scenes; every task, one report")
-    b.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
-    b.add_argument("--suite", default="world")
-    b.add_argument("--n", type=int, default=100, help="number of held-out scenes")
-    b.add_argument("--split", choices=("test", "validation"), default="test",
-                   help="which held-out scenes: choose between models on validation, report on test")  # fmt: skip
-    b.add_argument("--out", help="write benchmark.json and benchmark.md here")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--quiet", action="store_true")
-    b.set_defaults(func=cmd_benchmark)
-
-    e = sub.add_parser(
-        "eval",
-        help="score predictions with the field's metrics",
-        description="\n".join(f"{k}: {v}" for k, v in METRICS.items()),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    e.add_argument("metric", choices=list(METRICS))
-    e.add_argument("--gt", required=True, help="ground-truth file")
-    e.add_argument("--pred", required=True, help="predictions file")
-    e.add_argument("--out", help="write metrics.json, report.md and plots here")
-    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    e.add_argument("--strict", action="store_true", help="fail on the first bad prediction record")
-    e.add_argument("--iou-type", choices=["bbox", "segm"], default="bbox")
-    e.add_argument("--iou", type=float, default=0.5, help="IoU threshold (pr)")
-    e.add_argument("--instances", help="COCO instances with the boxes refs point at (rec)")
-    e.add_argument("--gt-dir", help="ground-truth panoptic PNG folder (panoptic)")
-    e.add_argument("--pred-dir", help="predicted panoptic PNG folder (panoptic)")
-    e.set_defaults(func=cmd_eval)

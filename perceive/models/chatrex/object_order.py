@@ -4,11 +4,12 @@ the bottom.
 Why: "the second red circle from the left" asks for a rank among the boxes a noun phrase matches. No box's
 own features hold it, and under causal attention an object token sees only the boxes before it in the
 shuffled list, so the language model would have to count at the answer over tokens that each know only
-their own object. Here each box gets, for two ways of being alike (same category; same category and
-colour, which is a person's shirt), how many alike boxes come before it in each direction. Alike is read
-softly from the model's own attribute heads (the dot product of two boxes' class probabilities) and
-before is a sigmoid of the centres' offset, so nothing here is told the answer: it counts what the heads
-see, and the language model still has to match the count to the question's words.
+their own object. Here each box gets, for each way of being alike the configuration names (its
+``order_groupings``: the same category, say, or the same category and colour), how many alike boxes come
+before it in each direction. Alike is read softly from the model's own attribute heads (the product,
+over a grouping's heads, of the dot products of two boxes' class probabilities) and before is a sigmoid
+of the centres' offset, so nothing here is told the answer: it counts what the heads see, and the
+language model still has to match the count to the question's words.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import torch
 from perceive.boxes import convert
 
 ORDER_DIRECTIONS = ("left", "right", "top", "bottom")
-ORDER_SOFTNESS = 0.01  # of the image side; the world's orderings keep rival centres 0.04 apart
+ORDER_SOFTNESS = 0.01  # of the image side: rival centres closer than a few hundredths are told apart softly
 ORDER_BINS = 5  # counts 0..3 (the fourth from a side) and "4 or more"
-ORDER_GROUPINGS = ("category", "category_and_color")
-ORDER_FEATURES = len(ORDER_GROUPINGS) * len(ORDER_DIRECTIONS) * ORDER_BINS
+
+
+def order_feature_count(groupings: int) -> int:
+    """Columns of ``order_features`` for ``groupings`` ways of being alike."""
+    return groupings * len(ORDER_DIRECTIONS) * ORDER_BINS
 
 
 def order_counts(
@@ -48,21 +52,21 @@ def count_bins(counts: torch.Tensor, bins: int = ORDER_BINS) -> torch.Tensor:
     return (1 - (counts.clamp(min=0, max=bins - 1)[..., None] - centres).abs()).clamp(min=0)
 
 
-def order_features(
-    boxes: torch.Tensor, box_mask: torch.Tensor, category_probs: torch.Tensor, color_probs: torch.Tensor
-) -> torch.Tensor:
-    """``[B, K, ORDER_FEATURES]``: the binned counts of ``order_counts`` for each of ``ORDER_GROUPINGS``,
-    alike read from the attribute heads' class probabilities ``[B, K, classes]``."""
-    same_category = category_probs @ category_probs.transpose(1, 2)
-    same_color = color_probs @ color_probs.transpose(1, 2)
-    groups = (same_category, same_category * same_color)
+def order_features(boxes: torch.Tensor, box_mask: torch.Tensor, groupings: list[list[torch.Tensor]]) -> torch.Tensor:
+    """``[B, K, order_feature_count(len(groupings))]``: the binned counts of ``order_counts`` for each grouping,
+    a grouping being the class probabilities ``[B, K, classes]`` of the attribute heads that must agree; two
+    boxes are alike by the product of their agreements."""
+    groups = []
+    for heads in groupings:
+        alike = heads[0] @ heads[0].transpose(1, 2)
+        for probs in heads[1:]:
+            alike = alike * (probs @ probs.transpose(1, 2))
+        groups.append(alike)
     return torch.cat([count_bins(order_counts(boxes, box_mask, g)).flatten(-2) for g in groups], dim=-1)
 
 
-def order_feature_index(grouping: str, direction: str, count: int) -> int:
-    """The column of ``order_features`` that says "``count`` boxes alike by ``grouping`` lie before this one
-    from ``direction``" (the last bin for ``ORDER_BINS - 1`` or more)."""
+def order_feature_index(grouping: int, direction: str, count: int) -> int:
+    """The column of ``order_features`` that says "``count`` boxes alike by grouping number ``grouping``
+    lie before this one from ``direction``" (the last bin for ``ORDER_BINS - 1`` or more)."""
     bin_ = min(count, ORDER_BINS - 1)
-    return (
-        ORDER_GROUPINGS.index(grouping) * len(ORDER_DIRECTIONS) + ORDER_DIRECTIONS.index(direction)
-    ) * ORDER_BINS + bin_
+    return (grouping * len(ORDER_DIRECTIONS) + ORDER_DIRECTIONS.index(direction)) * ORDER_BINS + bin_

@@ -1,9 +1,8 @@
 """The retrieval model's processor: images to tensors, question and boxes to prompt ids, answers to
-training labels, generated ids back to grounded objects.
+training labels.
 
-Images of any aspect ratio are padded at the right and bottom to a square (so boxes keep their
-shape) and resized to the two encoder resolutions. Boxes travel as xyxy normalised by the padded
-square's side; ``to_pixels`` maps them back to the input image.
+Images go through ``perceive.models.image_processing`` (padded to a square, so boxes keep their shape);
+boxes travel as xyxy normalised by the padded square's side, and ``ImageFrame.to_pixels`` maps them back.
 """
 
 from __future__ import annotations
@@ -11,43 +10,20 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from perceive.formats.chatrex import NONE_ANSWER
-from perceive.models.configuration_perceiver import PerceiverConfig
-from perceive.models.modeling_upn import normalize_image
+from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
+from perceive.models.image_processing import ImageFrame, dual_resolution_pixels
 from perceive.tokenization import ASSISTANT, EOS, IMAGE, OBJ_TOKENS, OBJECTS_CLOSE, OBJECTS_OPEN, ROI, USER
 
 IGNORE = -100
 
 
-@dataclass
-class ImageFrame:
-    """How an input image maps onto the model's square frame."""
-
-    width: int
-    height: int
-
-    @property
-    def side(self) -> int:
-        return max(self.width, self.height)
-
-    def normalize(self, boxes: np.ndarray) -> np.ndarray:
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / self.side
-
-    def to_pixels(self, boxes: np.ndarray | torch.Tensor) -> np.ndarray:
-        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * self.side
-        b[:, [0, 2]] = b[:, [0, 2]].clip(0, self.width)
-        b[:, [1, 3]] = b[:, [1, 3]].clip(0, self.height)
-        return b
-
-
-class PerceiverProcessor:
-    def __init__(self, tokenizer, config: PerceiverConfig) -> None:
+class ChatRexProcessor:
+    def __init__(self, tokenizer, config: ChatRexConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
         ids = tokenizer.convert_tokens_to_ids
@@ -66,23 +42,7 @@ class PerceiverProcessor:
 
     def images(self, images: Sequence[np.ndarray]) -> tuple[dict[str, torch.Tensor], list[ImageFrame]]:
         """``[H, W, 3]`` uint8 RGB arrays to ``pixel_low``, ``pixel_high`` (normalised) and ``rgb_high``."""
-        lows: list[torch.Tensor] = []
-        highs: list[torch.Tensor] = []
-        frames: list[ImageFrame] = []
-        for arr in images:
-            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-                raise ValueError(f"images must be [H, W, 3] uint8 RGB arrays, got {arr.shape} {arr.dtype}")
-            h, w = arr.shape[:2]
-            frame = ImageFrame(w, h)
-            square = np.zeros((frame.side, frame.side, 3), dtype=np.uint8)
-            square[:h, :w] = arr
-            pil = Image.fromarray(square)
-            for size, out in ((self.config.low_resolution, lows), (self.config.high_resolution, highs)):
-                im = pil if pil.size[0] == size else pil.resize((size, size), Image.Resampling.BILINEAR)
-                out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255)
-            frames.append(frame)
-        low, high = torch.stack(lows), torch.stack(highs)
-        return {"pixel_low": normalize_image(low), "pixel_high": normalize_image(high), "rgb_high": high}, frames
+        return dual_resolution_pixels(images, self.config.low_resolution, self.config.high_resolution)
 
     # ------------------------------------------------------------------------------------------
     # prompts and labels

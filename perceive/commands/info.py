@@ -1,0 +1,57 @@
+"""``perceive info --config NAME``: a named configuration's parameters, built on the meta device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from perceive.commands import CliError
+
+# attribute heads come from the training data; a configuration alone is counted with COCO's 80 categories
+EXAMPLE_ATTRIBUTE_HEADS = {"category": 80}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Parameter counts of a named configuration (nothing is allocated)."""
+    import torch
+
+    from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, named_config
+    from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
+    from perceive.models.upn.modeling_upn import UpnModel
+
+    if args.config not in NAMED_CONFIGS:
+        raise CliError(f"unknown config {args.config!r}; known: {', '.join(NAMED_CONFIGS)}")
+    cfg = named_config(args.config, attribute_heads=EXAMPLE_ATTRIBUTE_HEADS)
+    if not cfg.obj_token_ids:  # a real tokenizer's ids; only their count matters here
+        vocab = cfg.text().vocab_size
+        cfg.obj_token_ids = list(range(vocab - 100, vocab))
+    with torch.device("meta"):
+        model = ChatRexForConditionalGeneration(cfg)
+        upn = UpnModel(cfg.upn())
+    parts = {"vision (CLIP ViT)": model.vision.vit, "vision (ConvNeXt)": model.vision.convnext,
+             "language model": model.language_model, "UPN": upn}  # fmt: skip
+    projectors = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("vision.", "language_model.")))
+    rows = [(k, sum(p.numel() for p in m.parameters())) for k, m in parts.items()]
+    rows.insert(3, ("projectors and object encoder", projectors))
+    total = sum(n for _, n in rows)
+    if args.json:
+        json.dump({"config": args.config, **{k: n for k, n in rows}, "total": total}, sys.stdout)
+        print()
+        return 0
+    print(
+        f"config {args.config} ({cfg.model_type}): images {cfg.low_resolution}px (ViT) / {cfg.high_resolution}px "
+        f"(ConvNeXt), layout {cfg.layout}, index head {cfg.index_head}; attribute heads counted as "
+        f"{EXAMPLE_ATTRIBUTE_HEADS} (the training data decides them)"
+    )
+    for k, n in rows:
+        print(f"  {k:32s} {n / 1e6:10.2f} M")
+    print(f"  {'total':32s} {total / 1e6:10.2f} M")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("info", help="parameter counts of a named configuration (built on the meta device)")
+    i.add_argument("--config", default="tiny")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)

@@ -1,0 +1,1 @@
+"""The universal proposal network (UPN) of ChatRex: class-agnostic boxes at two granularities."""
