@@ -7,12 +7,18 @@ str, "id"?: str, "boxes"?: [[x0, y0, x1, y1], ...]}`` (relative paths are relati
 ``error``), ``coco_results.json`` (objects whose phrase names a world category, with their
 confidence as score) and, with ``draw``, ``annotated/<id>.png``. Lines are appended as answers come,
 so an interrupted run picks up after the last finished image; an image that failed is recorded and
-not retried.
+not retried. A line cut by a full disk or a power cut is dropped when the run resumes (the file is
+truncated after its last whole line), so its image is asked again.
+
+A folder's images are named by their stem, or by their file name where two share a stem (``x.png``
+and ``x.jpg``), so ids are unique and the same from run to run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 from pathlib import Path
 
 from perceive.boxes import check_pixel_boxes
@@ -32,7 +38,8 @@ def list_inputs(source: str | Path, question: str | None, boxes: list | None = N
         if question is None:
             raise ValueError("--question is required with a folder of images")
         shared = {} if boxes is None else {"boxes": boxes}
-        return [{"id": p.stem, "image": str(p), "question": question, **shared} for p in files]
+        names = _folder_ids(files)
+        return [{"id": names[p], "image": str(p), "question": question, **shared} for p in files]
     if not src.is_file():
         raise FileNotFoundError(f"no such folder or JSONL file: {src}")
     items = []
@@ -55,6 +62,65 @@ def list_inputs(source: str | Path, question: str | None, boxes: list | None = N
     return items
 
 
+def _folder_ids(files: list[Path]) -> dict[Path, str]:
+    """Each file's stem, or its name where the stem is not unique (names within a folder are)."""
+    ids = {p: p.stem for p in files}
+    while True:
+        counts = Counter(ids.values())
+        clashing = [p for p in files if counts[ids[p]] > 1 and ids[p] != p.name]
+        if not clashing:
+            return ids
+        for p in clashing:
+            ids[p] = p.name
+
+
+def _record(line: bytes) -> dict | None:
+    """The result a line of results.jsonl holds, or None for a cut or otherwise broken one."""
+    try:
+        rec = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+        return None
+    return rec if "error" in rec or isinstance(rec.get("objects"), list) else None
+
+
+def repair_results(results: Path) -> set[str]:
+    """The ids ``results`` records, leaving the file whole lines only (broken ones dropped, their images undone).
+
+    A cut last line (the usual damage: a full disk, a power cut) is truncated away in place, which needs no
+    free space and keeps every byte before it; broken lines further up (left by versions that appended onto a
+    cut line) are dropped by writing the good lines to a new file that replaces the old one atomically."""
+    data = results.read_bytes()
+    kept: list[bytes] = []
+    ids: set[str] = set()
+    for line in data.split(b"\n"):
+        rec = _record(line) if line.strip() else None
+        if rec is not None:
+            kept.append(line + b"\n")
+            ids.add(rec["id"])
+    fixed = b"".join(kept)
+    if fixed == data:
+        return ids
+    if data.startswith(fixed):  # only a cut tail
+        os.truncate(results, len(fixed))
+    elif fixed.startswith(data):  # the last record is whole but its newline was cut
+        with open(results, "ab") as f:
+            f.write(fixed[len(data) :])
+    else:
+        tmp = results.with_name(results.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(fixed)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, results)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"{results}: has broken lines and could not be rewritten without them: {e}") from None
+    return ids
+
+
 def run(
     perceiver,
     source: str | Path,
@@ -74,18 +140,16 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = set()
-    if results.is_file():
-        for line in results.read_text().splitlines():
-            try:
-                done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by an interruption: its image is asked again
+    done = repair_results(results) if results.is_file() else set()
     pending = [it for it in items if it["id"] not in done]
     if draw:
+        for it in items:  # an id names its picture: one from a JSONL must not reach outside annotated/
+            if it["id"] in ("", ".", "..") or Path(it["id"]).name != it["id"]:
+                raise ValueError(f"{source}: id {it['id']!r} cannot name a picture (annotated/<id>.png): "
+                                 "give ids without slashes, or leave out --draw")  # fmt: skip
         (out / "annotated").mkdir(exist_ok=True)
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="ask", unit="image", disable=not progress)
-    with open(results, "a") as f:
+    with open(results, "a", encoding="utf-8") as f:
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             good, arrays = [], []
@@ -106,15 +170,22 @@ def run(
             bar.update(len(chunk))
     bar.close()
     order = {it["id"]: i + 1 for i, it in enumerate(items)}
-    coco, errors, answered = [], 0, 0
-    for line in results.read_text().splitlines():
-        rec = json.loads(line)
+    coco, errors, answered, seen = [], 0, 0, set()
+    for lineno, line in enumerate(results.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        rec = _record(line)
+        if rec is None:  # repaired above and appended whole since: only another writer could have broken it
+            raise ValueError(f"{results}:{lineno}: not a whole result line (is another run writing to {out}?)")
+        if rec["id"] not in order or rec["id"] in seen:  # an image no longer in the input, or a repeat
+            continue
+        seen.add(rec["id"])
         if "error" in rec:
             errors += 1
             continue
         answered += 1
         for o in rec["objects"]:
-            if o["phrase"] in CATEGORY_IDS and rec["id"] in order:
+            if o["phrase"] in CATEGORY_IDS:
                 x0, y0, x1, y1 = o["box"]
                 coco.append({"image_id": order[rec["id"]], "category_id": CATEGORY_IDS[o["phrase"]],
                              "bbox": [x0, y0, x1 - x0, y1 - y0], "score": o["score"]})  # fmt: skip

@@ -8,7 +8,6 @@ and a mask (COCO RLE) or keypoints when the model makes them (``perceive.answer`
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,17 +102,18 @@ def read_model_type(folder: Path) -> str:
         raise FileNotFoundError(f"no such model folder: {folder}")
     if not config.is_file():
         raise FileNotFoundError(f"{folder} is not a model folder: config.json is missing")
-    try:
-        raw = json.loads(config.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFolderError(f"{config} is not valid JSON: {e}") from None
+    from perceive.models.folder_checks import read_json
+
+    raw = read_json(config)
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise ModelFolderError(f'{config} names no model_type (a JSON object with "model_type" is expected)')
     return raw["model_type"]
 
 
 def load(path: str | Path | None = None) -> Perceiver:
-    """The model in ``path`` (default: the shipped ``checkpoints/tiny``), whatever its kind."""
+    """The model in ``path`` (default: the shipped ``checkpoints/tiny``), whatever its kind. A folder that is no
+    model perceive can load (a configuration, weights or tokenizer missing, malformed, or not fitting each other)
+    is a ``ModelFolderError`` or ``FileNotFoundError`` naming the file, raised before the model is built."""
     from perceive.models.auto import perceiver_class
 
     folder = Path(path) if path is not None else DEFAULT_MODEL

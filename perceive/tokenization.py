@@ -23,6 +23,8 @@ USER, ASSISTANT = "<|user|>", "<|assistant|>"
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SPECIAL_TOKENS = (IMAGE, ROI, GROUND_OPEN, GROUND_CLOSE, OBJECTS_OPEN, OBJECTS_CLOSE, USER, ASSISTANT, *OBJ_TOKENS)
 _NO_SPACE_BEFORE = set(".,;:?!')")
+# a tokenizer's vocabulary: the fast one every saved tokenizer has, or a real model's slow one
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in (*SPECIAL_TOKENS, PAD, UNK, EOS)))
 
 
@@ -76,15 +78,27 @@ def build_world_tokenizer(words: Iterable[str] | None = None) -> PreTrainedToken
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A tokenizer folder (the world's or a real model's), with perceive's special tokens added."""
+    """A tokenizer folder (the world's or a real model's), with perceive's special tokens added. A folder
+    without one, or whose files do not load, is a ``FileNotFoundError`` or ``ModelFolderError`` naming it."""
+    from perceive.models.folder_checks import one_line, read_json_object
+    from perceive.perceiver import ModelFolderError
+
     p = Path(path)
-    if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {p} (expected tokenizer.json or tokenizer_config.json)")
     config = p / "tokenizer_config.json"
-    text = config.read_text() if config.is_file() else ""
-    world = '"PreTrainedTokenizerFast"' in text or '"TokenizersBackend"' in text
-    # the world tokenizer is loaded by its class: AutoTokenizer would read the model's config.json
-    tok = PreTrainedTokenizerFast.from_pretrained(str(p)) if world else AutoTokenizer.from_pretrained(str(p))
+    vocabulary = next((p / f for f in VOCABULARY_FILES if (p / f).is_file()), None)
+    if vocabulary is None:
+        raise FileNotFoundError(f"{p} has no tokenizer (tokenizer.json)")
+    if not config.is_file():
+        raise FileNotFoundError(f"{p} has no tokenizer settings (tokenizer_config.json)")
+    settings = read_json_object(config)
+    world = settings.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    if world and vocabulary.name != "tokenizer.json":
+        raise FileNotFoundError(f"{p} has no tokenizer (tokenizer.json)")
+    try:
+        # the world tokenizer is loaded by its class: AutoTokenizer would read the model's config.json
+        tok = PreTrainedTokenizerFast.from_pretrained(str(p)) if world else AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # the tokenizers library raises bare Exceptions for a malformed file
+        raise ModelFolderError(f"{vocabulary} is not a tokenizer that loads: {one_line(e)}") from None
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})

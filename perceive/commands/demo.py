@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from perceive.commands import CliError
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from perceive.demo import model_part, world_part
@@ -18,7 +20,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     has_model = (model_dir / "model.safetensors").is_file()
     if has_model:
-        report += model_part(out, str(model_dir), args.questions_scenes, args.size)
+        try:
+            report += model_part(out, str(model_dir), args.questions_scenes, args.size)
+        except (FileNotFoundError, ValueError) as e:  # a folder that is not a perceive model: one line
+            raise CliError(str(e)) from None
     else:
         report += [f"No trained model at {model_dir}: train one with `perceive train --config tiny --out DIR`.", ""]
     report += world_part(out, args.scenes, args.size)

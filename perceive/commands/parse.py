@@ -1,4 +1,9 @@
-"""``perceive parse --format F``: model output text on stdin, its parse as JSON on stdout."""
+"""``perceive parse --format F``: model output text on stdin, its parse as JSON on stdout.
+
+Stdin must be UTF-8: anything else stops the command with one line naming the first bad byte and exit
+status 1, rather than parsing a text changed by replacement characters. The output is strict UTF-8 JSON
+(no NaN or Infinity); what the parsers could not read is in its ``problems``.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,26 @@ import argparse
 import json
 import sys
 
+from perceive.commands import CliError
+
+
+def _decode_stdin(data: bytes) -> str:
+    """``data`` as UTF-8, or a CliError naming the line and byte where it stops being UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise CliError(
+            f"stdin is not UTF-8: byte 0x{data[e.start]:02x} at line {line}, byte {column} ({e.reason}); "
+            "convert it first, e.g. with iconv -t utf-8"
+        ) from None
+
 
 def cmd_parse(args: argparse.Namespace) -> int:
     from perceive.formats import chatrex, coords, mvp, refvlm
 
-    text = sys.stdin.read()
+    text = _decode_stdin(sys.stdin.buffer.read())
     if args.format == "chatrex":
         result = chatrex.parse(text, args.num_boxes).to_json()
     elif args.format == "refvlm":
@@ -22,8 +42,11 @@ def cmd_parse(args: argparse.Namespace) -> int:
         result = coords.parse(text, units=args.units).to_json()
     else:  # "qwen-json"
         result = coords.parse_json(text).to_json()
-    json.dump(result, sys.stdout, ensure_ascii=False)
-    sys.stdout.write("\n")
+    # UTF-8 bytes whatever the locale says stdout is: the text may hold any character
+    out = json.dumps(result, ensure_ascii=False, allow_nan=False) + "\n"
+    sys.stdout.flush()
+    sys.stdout.buffer.write(out.encode("utf-8"))
+    sys.stdout.buffer.flush()
     return 0
 
 

@@ -8,11 +8,15 @@ from perceive.commands import CliError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from perceive.train.checkpoint import CheckpointError
     from perceive.train.trainer import RECIPES, train
 
     if args.config not in RECIPES:
         raise CliError(f"unknown config {args.config!r}; known: {', '.join(RECIPES)}")
-    out = train(args.config, args.out, progress=not args.quiet, stop_after=args.stop_after)
+    try:
+        out = train(args.config, args.out, progress=not args.quiet, stop_after=args.stop_after)
+    except CheckpointError as e:  # nothing usable to resume from: say which files, not a traceback
+        raise CliError(str(e)) from None
     model = out / "model"
     if model.is_dir():
         print(f"trained model in {model} (loss curve: {out / 'loss_curve.png'})")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from perceive.commands import CliError
-from perceive.world.generator import WorldConfig
+
+if TYPE_CHECKING:
+    from perceive.world.generator import WorldConfig
 
 
 def _config(args: argparse.Namespace) -> WorldConfig:
+    from perceive.world.generator import WorldConfig
+
     cfg = WorldConfig(
         size=args.size,
         min_objects=args.min_objects,

@@ -14,7 +14,9 @@ and their indices are listed in ``refs``.
 ``parse`` never raises on model output. Whatever is malformed is reported in ``problems`` and the
 rest is kept: unclosed tags, indices >= ``num_boxes`` (dropped), empty groups, repeated indices
 (dropped: the public reference parser keeps them; counting a box twice would inflate recall and
-precision), text inside an objects block (dropped), stray closing tags.
+precision), text inside an objects block (dropped), stray closing tags. An index of more than
+``MAX_INDEX_DIGITS`` digits (leading zeros aside) is out of range whatever ``num_boxes`` is. Parsing takes
+time linear in the length of the text, and phrases quoted in problems are cut to ``SHOWN_CHARS`` characters.
 """
 
 from __future__ import annotations
@@ -31,9 +33,17 @@ TAGS: dict[str, dict[str, str]] = {
     "paper": {"ground": "<g>", "/ground": "</g>", "objects": "<o>", "/objects": "</o>"},
 }
 NONE_ANSWER = "None"
+MAX_INDEX_DIGITS = 9  # no answer points at a billion boxes; a longer index is out of range, never int()'d
+SHOWN_CHARS = 60
 
-_TOKEN = re.compile(r"<(/?)(ground|objects|g|o)>|<obj(\d+)>")
+# ASCII digits only: the object tokens are <obj0>..<objN>; "\d" would also take other scripts' digits.
+_TOKEN = re.compile(r"<(/?)(ground|objects|g|o)>|<obj([0-9]+)>")
 _KIND = {"ground": "ground", "g": "ground", "objects": "objects", "o": "objects"}
+
+
+def _shown(s: str) -> str:
+    """``s`` for a problem message: repeated problems about one long phrase must not copy it each time."""
+    return repr(s if len(s) <= SHOWN_CHARS else s[: SHOWN_CHARS - 3] + "...")
 
 
 @dataclass(frozen=True)
@@ -85,17 +95,28 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
 
     state = "text"  # "text" | "phrase" | "after_phrase" | "objects"
     phrase_start = 0
+    phrase_piece = 0  # index in ``plain`` where the open phrase starts: join its pieces, not all the text
     phrase_spelling = ""
     pending: tuple[str, tuple[int, int]] | None = None  # closed phrase awaiting its objects block
     indices: list[int] = []
     saw_none = False
     junk: list[str] = []
 
-    def valid_index(k: int, where: str) -> bool:
+    def read_index(digits: str, where: str) -> int | None:
+        """The index ``digits`` spell, or None (reported) when it is out of range."""
+        significant = digits.lstrip("0") or "0"
+        if len(significant) > MAX_INDEX_DIGITS:
+            shown = significant if len(significant) <= 20 else significant[:17] + "..."
+            problems.append(f"index {shown} ({len(significant)} digits) in {where} is out of range")
+            return None
+        k = int(significant)
         if num_boxes is not None and k >= num_boxes:
             problems.append(f"index {k} in {where} is out of range (only {num_boxes} boxes)")
-            return False
-        return True
+            return None
+        return k
+
+    def open_phrase_text() -> str:
+        return "".join(plain[phrase_piece:])
 
     def emit_plain(s: str) -> None:
         nonlocal plain_len
@@ -106,7 +127,7 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
         nonlocal pending
         if pending is not None:
             phrase, span = pending
-            problems.append(f"phrase {phrase!r} has no objects block")
+            problems.append(f"phrase {_shown(phrase)} has no objects block")
             groups.append(GroundedPhrase(phrase, (), span))
             pending = None
 
@@ -116,17 +137,18 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
         if pending is None:
             problems.append(f"objects block without a grounded phrase at character {plain_len}")
         if not closed:
-            problems.append(f"unclosed objects block for phrase {phrase!r}")
+            problems.append(f"unclosed objects block for phrase {_shown(phrase)}")
         if junk:
-            problems.append(f"text {''.join(junk).strip()!r} inside the objects block of {phrase!r} was ignored")
-        unique: list[int] = []
+            ignored = _shown("".join(junk).strip())
+            problems.append(f"text {ignored} inside the objects block of {_shown(phrase)} was ignored")
+        unique: dict[int, None] = {}  # ordered, and a membership test in constant time
         for k in indices:
             if k in unique:
-                problems.append(f"index {k} repeated in the objects of {phrase!r}")
+                problems.append(f"index {k} repeated in the objects of {_shown(phrase)}")
             else:
-                unique.append(k)
+                unique[k] = None
         if not unique and not saw_none:
-            problems.append(f"empty objects block for phrase {phrase!r}")
+            problems.append(f"empty objects block for phrase {_shown(phrase)}")
         groups.append(GroundedPhrase(phrase, tuple(unique), span))
         pending, indices, saw_none, junk = None, [], False, []
 
@@ -147,16 +169,17 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
                 emit_plain(between)
         closing, tag, number = m.group(1), m.group(2), m.group(3)
         if number is not None:
-            k = int(number)
             if state == "objects":
-                if valid_index(k, "an objects block"):
+                k = read_index(number, "an objects block")
+                if k is not None:
                     indices.append(k)
                 continue
             if state == "after_phrase":
                 close_pending_without_objects()
                 state = "text"
             emit_plain(m.group(0))
-            if valid_index(k, "a bare reference"):
+            k = read_index(number, "a bare reference")
+            if k is not None:
                 refs.append(k)
             continue
         kind = _KIND[tag]
@@ -168,15 +191,14 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
                 continue
             elif state == "after_phrase":
                 close_pending_without_objects()
-            state, phrase_start, phrase_spelling = "phrase", plain_len, tag
+            state, phrase_start, phrase_piece, phrase_spelling = "phrase", plain_len, len(plain), tag
         elif kind == "ground":
             if state != "phrase":
                 problems.append(f"stray {m.group(0)} at character {m.start()} was ignored")
                 continue
             if (tag == "g") != (phrase_spelling == "g"):
                 problems.append(f"{m.group(0)} closes a phrase opened with <{phrase_spelling}>")
-            span = (phrase_start, plain_len)
-            pending = ("".join(plain)[span[0] : span[1]], span)
+            pending = (open_phrase_text(), (phrase_start, plain_len))
             state = "after_phrase"
         elif not closing:
             if state == "objects":
@@ -187,8 +209,7 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
                 continue
             if state == "phrase":
                 problems.append(f"unclosed phrase before {m.group(0)} at character {m.start()}")
-                span = (phrase_start, plain_len)
-                pending = ("".join(plain)[span[0] : span[1]], span)
+                pending = (open_phrase_text(), (phrase_start, plain_len))
             state = "objects"
         else:
             if state != "objects":
@@ -210,7 +231,7 @@ def parse(text: str, num_boxes: int | None = None) -> ChatRexAnswer:
         emit_plain(tail)
         if state == "phrase":
             problems.append(f"unclosed phrase starting at character {phrase_start}")
-            groups.append(GroundedPhrase("".join(plain)[phrase_start:], (), (phrase_start, plain_len)))
+            groups.append(GroundedPhrase(open_phrase_text(), (), (phrase_start, plain_len)))
         elif state == "after_phrase":
             close_pending_without_objects()
     return ChatRexAnswer("".join(plain), tuple(groups), tuple(refs), tuple(problems))

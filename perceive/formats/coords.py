@@ -9,7 +9,10 @@ Two styles are read and written:
 
 Quantization: ``bin = floor(v / extent * 1000)`` clipped to 0..999; dequantization returns the bin's
 centre, ``(bin + 0.5) * extent / 1000``, so a round trip moves a coordinate by at most
-``extent / 2000`` (half a bin). Parsing never raises; unreadable or impossible boxes are reported.
+``extent / 2000`` (half a bin). Parsing never raises and takes time linear in the text; unreadable or
+impossible boxes are reported, among them any coordinate that is not a finite float (``1e400``, a 400-digit
+number, ``NaN``), so every box parsed can be written as strict JSON. JSON nested deeper than
+``MAX_JSON_DEPTH`` is not decoded (Python's decoder recurses once per level).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ Units = Literal["pixels", "bins"]
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _BOX = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
 _SEPARATORS = " \t\n,;:.-"
+SHOWN_CHARS = 60
+MAX_JSON_DEPTH = 100  # a Qwen2.5-VL answer is 3 deep (list, object, bbox_2d)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,11 @@ def dequantize(box: Sequence[float], size: tuple[int, int], bins: int = BINS) ->
     return tuple((float(v) + 0.5) * e / bins for v, e in zip(box, extents, strict=True))  # type: ignore[return-value]
 
 
+def _shown(s: str) -> str:
+    """``s`` for a problem message, cut so that a huge box or label is not copied into the report."""
+    return s if len(s) <= SHOWN_CHARS else s[: SHOWN_CHARS - 3] + "..."
+
+
 def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:.1f}"
 
@@ -103,22 +113,26 @@ def parse(text: str, units: Units = "pixels", size: tuple[int, int] | None = Non
         if lead:
             phrase = lead.splitlines()[-1].strip(_SEPARATORS)
         prev_end = m.end()
+        shown = _shown(m.group(0))
         try:
             vals = tuple(float(g) for g in m.groups())
         except ValueError:  # pragma: no cover - the regex admits only numbers
-            problems.append(f"unreadable box {m.group(0)!r}")
+            problems.append(f"unreadable box {shown!r}")
+            continue
+        if not all(math.isfinite(v) for v in vals):  # float("9" * 400) is inf, which JSON cannot hold
+            problems.append(f"box {shown} has a coordinate too large for a float; dropped")
             continue
         x0, y0, x1, y1 = vals
         if x1 < x0 or y1 < y0:
-            problems.append(f"box {m.group(0)} has x1 < x0 or y1 < y0; dropped")
+            problems.append(f"box {shown} has x1 < x0 or y1 < y0; dropped")
             continue
         if units == "bins" and not all(0 <= v <= BINS - 1 for v in vals):
-            problems.append(f"box {m.group(0)} has values outside 0..{BINS - 1}; dropped")
+            problems.append(f"box {shown} has values outside 0..{BINS - 1}; dropped")
             continue
         if units == "pixels" and size is not None:
             h, w = size
             if not (x0 >= -1 and y0 >= -1 and x1 <= w + 1 and y1 <= h + 1):
-                problems.append(f"box {m.group(0)} leaves the {w}x{h} image; dropped")
+                problems.append(f"box {shown} leaves the {w}x{h} image; dropped")
                 continue
         boxes.append(TextBox(phrase, vals, (m.start(), m.end())))  # type: ignore[arg-type]
     if re.search(r"\[\s*-?\d", text[prev_end:]):
@@ -134,6 +148,57 @@ def render_json(boxes: Sequence[TextBox]) -> str:
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)(?:```|$)", re.S)
 _OBJECT = re.compile(r"\{[^{}]*\}")
+_JSON_SYNTAX = re.compile(r'["\\\[\]{}]')  # what changes the nesting depth, or whether we are in a string
+
+
+class _TooDeep(ValueError):
+    """JSON nested deeper than ``MAX_JSON_DEPTH``."""
+
+
+def _too_deep(body: str) -> bool:
+    """Whether ``body`` nests brackets deeper than ``MAX_JSON_DEPTH``, strings aside; one pass, no recursion."""
+    if body.count("[") + body.count("{") <= MAX_JSON_DEPTH:  # most answers: no need to walk the text
+        return False
+    depth = 0
+    in_string = False
+    escaped_at = -1  # position of the character a backslash escapes
+    for m in _JSON_SYNTAX.finditer(body):
+        c, at = m.group(0), m.start()
+        if in_string:
+            if at == escaped_at:
+                continue
+            if c == "\\":
+                escaped_at = at + 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif c in "]}":
+            depth = max(depth - 1, 0)  # a stray closing bracket must not hide the depth of what follows
+    return False
+
+
+def _json_int(digits: str) -> int | float:
+    """JSON integers as ``int``, but as a float (``inf``) when they are longer than any float: ``int()`` refuses
+    more than 4,300 digits."""
+    return int(digits) if len(digits) <= 400 else float(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_json_int)  # one for all: json.loads with an option builds one per call
+
+
+def _loads(body: str) -> object:
+    """``json.loads`` that raises only ValueError (JSONDecodeError among them), however deep or long ``body`` is."""
+    if _too_deep(body):
+        raise _TooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return _DECODER.decode(body)
+    except RecursionError:  # pragma: no cover - _too_deep stops these first
+        raise _TooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
 
 
 def parse_json(text: str) -> CoordAnswer:
@@ -144,16 +209,17 @@ def parse_json(text: str) -> CoordAnswer:
     fence = _FENCE.search(text)
     body = fence.group(1) if fence else text
     try:
-        data = json.loads(body)
+        data = _loads(body)
         items = data if isinstance(data, list) else [data]
-    except (json.JSONDecodeError, RecursionError):
+    except ValueError as e:
         items = []
         for m in _OBJECT.finditer(body):
             try:
-                items.append(json.loads(m.group(0)))
-            except json.JSONDecodeError:
+                items.append(_loads(m.group(0)))
+            except ValueError:
                 problems.append(f"unreadable object {m.group(0)[:60]!r}")
-        problems.append(f"answer is not valid JSON; read {len(items)} complete objects")
+        why = "nested too deep" if isinstance(e, _TooDeep) else "not valid JSON"
+        problems.append(f"answer is {why}; read {len(items)} complete objects")
     boxes: list[TextBox] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -166,10 +232,13 @@ def parse_json(text: str) -> CoordAnswer:
         try:
             vals = tuple(float(v) for v in raw)
         except (TypeError, ValueError):
-            problems.append(f"item {i} has a non-numeric bbox_2d {raw!r}")
+            problems.append(f"item {i} has a non-numeric bbox_2d {_shown(repr(raw))}")
+            continue
+        except OverflowError:  # float() of an int past the float range
+            problems.append(f"item {i} has a bbox_2d coordinate too large for a float {_shown(repr(raw))}")
             continue
         if not all(math.isfinite(v) for v in vals):
-            problems.append(f"item {i} has a non-finite bbox_2d {raw!r}")
+            problems.append(f"item {i} has a non-finite bbox_2d {_shown(repr(raw))}")
             continue
         if vals[2] < vals[0] or vals[3] < vals[1]:
             problems.append(f"item {i} has x1 < x0 or y1 < y0; dropped")

@@ -35,6 +35,19 @@ from dataclasses import dataclass, field
 
 PHRASE_OPEN, PHRASE_CLOSE = "<Phrase>", "</Phrase>"
 UNIT_OPEN, UNIT_CLOSE = "<Unit>", "</Unit>"
+MAX_NUMBER_DIGITS = 9  # a [k] label or a plan's Num: longer than this is a problem, not a number
+SHOWN_CHARS = 60  # of model text quoted in a problem: a junk answer must not make problems as long as itself
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def _unclosed(group: dict) -> str | None:
+    """The problem of a parenthesised unit group that text interrupts before its ')'."""
+    return f"unit group {_shown(str(group['units']))} was not closed with ')'" if group["paren"] else None
+
+
 TASK_OPEN, TASK_CLOSE = "<Task>", "</Task>"
 VRT_OPEN, VRT_CLOSE = "<v>", "</v>"
 REF, VRT = "<REF>", "<VRT>"
@@ -159,7 +172,7 @@ def _parse_plan_entry(entry: str) -> PlanEntry | None:
     units = entry[u + len("Unit:") : k].strip()
     if units.startswith(UNIT_OPEN) and units.endswith(UNIT_CLOSE):
         units = units[len(UNIT_OPEN) : -len(UNIT_CLOSE)]
-    if UNIT_OPEN in units or UNIT_CLOSE in units:
+    if UNIT_OPEN in units or UNIT_CLOSE in units or len(num[1].lstrip("0")) > MAX_NUMBER_DIGITS:
         return None
     return PlanEntry(entry[:u].strip(), _split_units(units), int(num[1]))
 
@@ -225,11 +238,11 @@ def parse(text: str) -> RefVlmAnswer:
         if group["pending_label"] is not None:
             problems.append(f"label [{group['pending_label']}] is not followed by <REF>")
         if not group["ords"]:
-            problems.append(f"unit group {group['units']} has no <REF> tokens")
+            problems.append(f"unit group {_shown(str(group['units']))} has no <REF> tokens")
         ug = UnitGroup(tuple(group["units"]), tuple(group["labels"]), tuple(group["ords"]), tuple(group["chars"]))
         owner = group["owner"]
         if owner is None:
-            problems.append(f"unit group {ug.units} does not follow a phrase")
+            problems.append(f"unit group {_shown(str(ug.units))} does not follow a phrase")
         else:
             triplets[owner]["groups"].append(ug)
         group = None
@@ -246,7 +259,7 @@ def parse(text: str) -> RefVlmAnswer:
             continue  # everything up to </Task> belongs to the plan
         if mode == "vrt":
             if between.strip():
-                problems.append(f"text {between.strip()!r} inside the <v> block was ignored")
+                problems.append(f"text {_shown(between.strip())!r} inside the <v> block was ignored")
             pos = m.end()
             if kind == "vrt":
                 vrt_count += 1
@@ -264,7 +277,7 @@ def parse(text: str) -> RefVlmAnswer:
                 group["units"] = list(_split_units("".join(unit_chars) + between))
                 unknown = [u for u in group["units"] if u not in KNOWN_UNITS]
                 if unknown:
-                    problems.append(f"unknown unit {', '.join(unknown)}")
+                    problems.append(f"unknown unit {_shown(', '.join(unknown))}")
                 if not group["units"]:
                     problems.append("empty <Unit></Unit>")
                 unit_chars.clear()
@@ -273,12 +286,16 @@ def parse(text: str) -> RefVlmAnswer:
             continue
         if group is not None:
             if between.strip():
-                close_group(f"unit group {group['units']} was not closed with ')'" if group["paren"] else None)
+                close_group(_unclosed(group))
                 emit(between)
             elif kind == "label":
                 if group["pending_label"] is not None:
                     problems.append(f"label [{group['pending_label']}] is not followed by <REF>")
-                group["pending_label"] = int(m.group("k"))
+                digits = m.group("k")
+                if len(digits.lstrip("0")) > MAX_NUMBER_DIGITS:  # never int()'d: Python refuses 4,300 digits
+                    problems.append(f"label [{digits[:12]}...] has {len(digits)} digits; no answer has that many")
+                    continue
+                group["pending_label"] = int(digits)
                 continue
             elif kind == "ref":
                 group["ords"].append(num_refs)
@@ -300,7 +317,7 @@ def parse(text: str) -> RefVlmAnswer:
                 close_group()
                 continue
             else:
-                close_group(f"unit group {group['units']} was not closed with ')'" if group["paren"] else None)
+                close_group(_unclosed(group))
         else:
             emit(between)
 
@@ -359,7 +376,7 @@ def parse(text: str) -> RefVlmAnswer:
     else:
         if group is not None:
             if tail.strip():
-                close_group(f"unit group {group['units']} was not closed with ')'" if group["paren"] else None)
+                close_group(_unclosed(group))
             else:
                 close_group(f"unclosed unit group {group['units']}" if group["paren"] else None)
         emit(tail)
@@ -374,9 +391,8 @@ def parse(text: str) -> RefVlmAnswer:
         counts = {t.phrase: len(t.ref_ordinals) for t in out if t.groups}
         for entry in task.entries:
             if entry.name in counts and counts[entry.name] != entry.num:
-                problems.append(
-                    f"task plan says {entry.num} targets for {entry.name!r}, the answer has {counts[entry.name]}"
-                )
+                name, found = _shown(entry.name), counts[entry.name]
+                problems.append(f"task plan says {entry.num} targets for {name!r}, the answer has {found}")
     return RefVlmAnswer(full, out, task, vrt_count, num_refs, tuple(problems))
 
 

@@ -2,13 +2,17 @@
 
 An image of any aspect ratio is padded at the right and bottom to a square (boxes keep their shape
 and a box's pixels are its normalised coordinates times ``max(H, W)``), resized to each encoder's
-resolution and normalised with ImageNet's mean and standard deviation.
+resolution and normalised with ImageNet's mean and standard deviation. The square is never built: the
+image is resized first and padded after, so a 1 x 40,000 image costs what its pixels and the
+encoder's input do, not 40,000^2.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -16,6 +20,7 @@ from PIL import Image
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
+BILINEAR = Image.Resampling.BILINEAR
 
 
 @dataclass
@@ -46,24 +51,79 @@ def normalize_image(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def _square(image: np.ndarray) -> Image.Image:
+# Strips of the image's rows are resampled at most this many pixels at a time (12 MB of RGB), so padding a
+# thin image's short side never allocates its square.
+STRIP_PIXELS = 1 << 22
+
+
+def _checked(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"images must be [H, W, 3] uint8 RGB arrays, got {image.shape} {image.dtype}")
-    h, w = image.shape[:2]
-    square = np.zeros((max(h, w), max(h, w), 3), dtype=np.uint8)
-    square[:h, :w] = image
-    return Image.fromarray(square)
+    return image
 
 
-def _resized(square: Image.Image, size: int) -> torch.Tensor:
-    """``[3, size, size]`` floats in [0, 1]."""
-    im = square if square.size[0] == size else square.resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+def _exact_in_float32(numerator: int, denominator: int) -> bool:
+    value = numerator / denominator
+    return Fraction(float(np.float32(value))) == Fraction(numerator, denominator)
+
+
+def _extent(length: int, side: int, size: int) -> tuple[int, float, int]:
+    """For one axis ``length`` pixels long of an image padded to ``side`` and resized to ``size``: how many output
+    pixels can differ from the padding's zeros (``count``), the source span they cover (``span``, ``count * side /
+    size``) and how far into the padded axis bilinear resampling reads for them (``reach``)."""
+    if length == side:
+        return size, float(side), side
+    scale = side / size
+    support = max(scale, 1.0)  # PIL widens bilinear's support by the scale when it shrinks
+    needed = min(size, math.ceil((length + support + 1) / scale) + 1)
+    # PIL takes the box as float32: a span that float32 holds exactly gives the very weights of the padded square's
+    # resize. A few more output pixels (zeros, or the image's faded edge, as in the square) usually find one; past a
+    # quarter more, the work is not worth it and the span is off by float32's rounding (measured: at most 1 of
+    # 255 levels).
+    candidates = range(needed, min(size, needed + needed // 4 + 2) + 1)
+    count = next((n for n in candidates if _exact_in_float32(n * side, size)), needed)
+    span = count * side / size
+    return count, span, min(side, math.ceil(span + support) + 2)
+
+
+def _fitted(image: np.ndarray, size: int) -> np.ndarray:
+    """``[size, size, 3]`` uint8: ``image`` padded at the right and bottom to its square, then resized to ``size``
+    (bilinear), computed by resizing first and padding after, so memory is bounded by the image and ``size``, not by
+    the square of its longer side."""
+    h, w = _checked(image).shape[:2]
+    side = max(h, w)
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    if side == size:
+        out[:h, :w] = image
+        return out
+    if h == w:
+        return np.array(Image.fromarray(image).resize((size, size), BILINEAR))
+    cols, span_x, reach_x = _extent(w, side, size)
+    rows, span_y, reach_y = _extent(h, side, size)
+    # PIL resamples across, then down; doing the same two passes separately, on only as much of the padding as the
+    # kept output pixels read, reproduces the square's resize where the image is.
+    across = np.empty((h, cols, 3), dtype=np.uint8)
+    strip = max(1, STRIP_PIXELS // reach_x)
+    for y in range(0, h, strip):
+        part = np.zeros((min(strip, h - y), reach_x, 3), dtype=np.uint8)
+        part[:, :w] = image[y : y + strip]
+        box = (0.0, 0.0, span_x, float(part.shape[0]))
+        across[y : y + strip] = np.asarray(Image.fromarray(part).resize((cols, part.shape[0]), BILINEAR, box=box))
+    padded = np.zeros((reach_y, cols, 3), dtype=np.uint8)
+    padded[:h] = across
+    down = Image.fromarray(padded).resize((cols, rows), BILINEAR, box=(0.0, 0.0, float(cols), span_y))
+    out[:rows, :cols] = np.asarray(down)
+    return out
+
+
+def _resized(image: np.ndarray, size: int) -> torch.Tensor:
+    """``[3, size, size]`` floats in [0, 1]: ``image`` padded to its square and resized."""
+    return torch.from_numpy(_fitted(image, size)).permute(2, 0, 1).float() / 255
 
 
 def square_pixels(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     """``[B, 3, size, size]`` normalised pixels of ``[H, W, 3]`` uint8 images, each padded to its square."""
-    return normalize_image(torch.stack([_resized(_square(im), size) for im in images]))
+    return normalize_image(torch.stack([_resized(im, size) for im in images]))
 
 
 def dual_resolution_pixels(
@@ -76,9 +136,8 @@ def dual_resolution_pixels(
     highs: list[torch.Tensor] = []
     frames: list[ImageFrame] = []
     for arr in images:
-        square = _square(arr)
-        lows.append(_resized(square, low))
-        highs.append(_resized(square, high))
+        lows.append(_resized(arr, low))
+        highs.append(_resized(arr, high))
         frames.append(ImageFrame(arr.shape[1], arr.shape[0]))
     low_t, high_t = torch.stack(lows), torch.stack(highs)
     return {"pixel_low": normalize_image(low_t), "pixel_high": normalize_image(high_t), "rgb_high": high_t}, frames

@@ -6,14 +6,16 @@
 3. joint: everything learns, on every task.
 
 Every batch is a function of the step number alone (``WorldTasks``), so a run that is killed and
-resumed from its last checkpoint sees the same data and reaches the same weights as one that was
-not. Under ``torchrun`` (or ``accelerate launch``) each process takes its own share of each step's
-batch and gradients are averaged with the gloo backend.
+resumed from its last checkpoint (or the one before, when the last does not read back whole) sees the
+same data and reaches the same weights as one that was not. Under ``torchrun`` (or ``accelerate
+launch``) each process takes its own share of each step's batch and gradients are averaged with the
+gloo backend.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -25,6 +27,7 @@ from typing import cast
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from perceive.data.tasks import check_refer_options
 from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, ChatRexConfig, named_config
@@ -34,12 +37,14 @@ from perceive.models.image_processing import normalize_image
 from perceive.models.upn.configuration_upn import UpnConfig
 from perceive.models.upn.modeling_upn import UpnModel
 from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, build_world_tokenizer, load_tokenizer
-from perceive.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from perceive.train.checkpoint import CheckpointError, atomic_folder, resume_checkpoint, save_checkpoint, set_aside
 from perceive.train.data import WORLD_ORDER_GROUPINGS, WorldTasks, world_model_options
 from perceive.world.generator import WorldConfig, generate_scene
 
 ALIGNMENT_TASKS = {"region_category": 2.0, "region_phrase": 1.0, "caption_brief": 1.0}
 PERCEPTION_TASKS = {"detect": 2.0, "refer": 4.0, "count": 1.5, "region_category": 1.0, "region_phrase": 0.5}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -207,12 +212,19 @@ def _loop(
     from tqdm import tqdm
 
     folder = out / "checkpoints" / name
-    start = 0
-    latest = latest_checkpoint(folder)
-    if latest is not None:
-        start = load_checkpoint(latest, model, optimizer)["step"]
-        if ddp.main and progress:
-            print(f"resuming {name} from {latest} (step {start})")
+    resumed = resume_checkpoint(folder, model, optimizer)
+    start = resumed.state["step"]
+    ddp.barrier()  # every process is done reading the broken checkpoints before they are moved
+    if ddp.main:
+        for path, problem in resumed.broken:
+            try:
+                kept = f"set aside as {set_aside(path).name}"
+            except OSError as e:
+                kept = f"left in place, could not be set aside: {e.strerror}"
+            logger.warning(f"{problem}; that checkpoint is {kept}; resuming {name} from {resumed.path}")
+        _trim_log(log, name, start)
+        if resumed.path is not None and progress:
+            print(f"resuming {name} from {resumed.path} (step {start})")
     bar = tqdm(total=total, initial=start, desc=name, unit="step", disable=not (progress and ddp.main))
     t0, done = time.perf_counter(), 0
     step = start
@@ -292,8 +304,12 @@ def train_upn(
     recipe: Recipe, out: Path, ddp: Distributed, progress: bool, log: Path, stop_after: int | None = None
 ) -> UpnModel | None:
     """Train (or load the trained) UPN; None if ``stop_after`` ended the phase early."""
-    if (out / "upn" / "model.safetensors").is_file():
-        return UpnModel.from_pretrained(str(out / "upn"))
+    if (out / "upn" / "model.safetensors").is_file():  # saved whole or not at all (``atomic_folder``)
+        try:
+            return UpnModel.from_pretrained(str(out / "upn"))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"{out / 'upn'}: the trained UPN cannot be loaded ({str(e).splitlines()[0]}); "
+                                  f"move it away to save it again from {out / 'checkpoints'}") from None  # fmt: skip
     cfg = UpnConfig(**cast(dict, NAMED_CONFIGS[recipe.model]["upn_config"]))
     world = WorldConfig(**{**recipe.world, "size": cfg.image_size})
     torch.manual_seed(recipe.seed)
@@ -317,7 +333,8 @@ def train_upn(
     if cfg.box_refinement and not _train_box_refinement(recipe, out, upn, world, ddp, progress, log, stop_after):
         return None
     if ddp.main:
-        upn.save_pretrained(str(out / "upn"))
+        with atomic_folder(out / "upn") as tmp:
+            upn.save_pretrained(str(tmp))
     ddp.barrier()
     return upn
 
@@ -340,7 +357,8 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
     log = out / "train_log.jsonl"
     tok_dir = out / "tokenizer"
     if ddp.main and not (tok_dir / "tokenizer.json").is_file():
-        build_world_tokenizer().save_pretrained(str(tok_dir))
+        with atomic_folder(tok_dir) as tmp:
+            build_world_tokenizer().save_pretrained(str(tmp))
     ddp.barrier()
     tokenizer = load_tokenizer(tok_dir)
 
@@ -380,12 +398,52 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
     end = _loop("mllm", out, model, optimizer, recipe.total_steps, step_fn, recipe.checkpoint_every, ddp, progress,
                 log, stop_after)  # fmt: skip
     if end >= recipe.total_steps and ddp.main:
-        model.save_pretrained(str(out / "model"))
-        tokenizer.save_pretrained(str(out / "model"))
-        upn.save_pretrained(str(out / "model" / "upn"))
+        with atomic_folder(out / "model") as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            upn.save_pretrained(str(tmp / "upn"))
         loss_curve(log, out / "loss_curve.png")
     ddp.barrier()
     return out
+
+
+def _log_row(line: str) -> dict | None:
+    """A training log line's row, None for a line that is not one (the cut last line of a killed run)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("phase"), str) and isinstance(row.get("step"), int)
+    return row if ok else None
+
+
+def read_log(log: Path) -> list[dict]:
+    """The rows of a training log, one per phase and step (the last where a run before this code's resume
+    logged a step twice), skipping lines that are not rows."""
+    rows: dict[tuple[str, int], dict] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        row = _log_row(line)
+        if row is not None:
+            rows.pop((row["phase"], row["step"]), None)  # the later row takes the earlier one's place
+            rows[row["phase"], row["step"]] = row
+    return list(rows.values())
+
+
+def _trim_log(log: Path, phase: str, step: int) -> None:
+    """Drop the log's rows of ``phase`` after ``step`` (the steps a resume from ``step`` runs and logs again)
+    and any line that is not a row, so the log keeps one row per step and the next row starts a line."""
+    if not log.is_file():
+        return
+    text = log.read_text(errors="replace")
+    lines = text.splitlines()
+    rows = [_log_row(line) for line in lines]
+    dropped = [r is None or (r["phase"] == phase and r["step"] > step) for r in rows]
+    kept = [line for line, drop in zip(lines, dropped, strict=True) if not drop]
+    if len(kept) == len(lines) and (not text or text.endswith("\n")):
+        return
+    tmp = log.with_name(f".tmp_{log.name}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, log)
 
 
 def loss_curve(log: Path, path: Path) -> None:
@@ -394,14 +452,14 @@ def loss_curve(log: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = read_log(log)
     first_stage = max((r["step"] for r in rows if r["phase"] == "upn"), default=0)
     for r in rows:
         if r["phase"] == "upn_refine":  # the UPN's panel, after its first stage
             r.update(phase="upn", step=first_stage + r["step"], box_refinement=r.pop("loss"))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, phase in zip(axes, ("upn", "mllm"), strict=True):
-        pts = [r for r in rows if r["phase"] == phase]
+        pts = sorted((r for r in rows if r["phase"] == phase), key=lambda r: r["step"])
         for key in sorted({k for r in pts for k in r} - {"phase", "step", "steps_per_s"}):
             xs = [r["step"] for r in pts if key in r]
             ys = [r[key] for r in pts if key in r]

@@ -10,15 +10,22 @@ then those on the RoI grid (``holding_attributes``), each group in the order of 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
 from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
+from perceive.models.folder_checks import (
+    BUILD_ERRORS,
+    build_config,
+    check_field_types,
+    one_line,
+    read_json_object,
+    weight_shapes,
+)
+from perceive.perceiver import ModelFolderError
 
 LEGACY_MODEL_TYPE = "perceive_retrieval"
 RENAMED_PREFIXES = {
@@ -30,12 +37,6 @@ RENAMED_PREFIXES = {
 # the order counts such a model was built with: by category, and by category and colour
 LEGACY_ORDER_GROUPINGS = [["category"], ["category", "color"]]
 _HEAD = re.compile(r"^attribute_heads\.(?P<name>[^.]+)\.weight$")
-
-
-def weight_shapes(path: Path) -> dict[str, list[int]]:
-    """Every tensor's shape in a safetensors file, read from its header (no tensor is loaded)."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
 
 def migrate_config(raw: dict, shapes: dict[str, list[int]]) -> dict:
@@ -61,15 +62,28 @@ def migrate_key(key: str) -> str:
     return key
 
 
-def load_legacy_model(folder: Path) -> ChatRexForConditionalGeneration:
-    """The model of a legacy folder, every weight consumed (an unexpected or missing one is an error)."""
+def legacy_config(raw: dict, shapes: dict[str, list[int]], config_path: Path) -> ChatRexConfig:
+    """The configuration of a legacy folder: its ``config.json``'s fields (``raw``), type-checked and read as
+    today's, given its weights' shapes."""
+    check_field_types(ChatRexConfig, raw, config_path)
+    try:
+        migrated = migrate_config(raw, shapes)
+    except BUILD_ERRORS as e:  # the heads' class counts come from the weights: a malformed head's shape
+        raise ModelFolderError(f"{config_path}: the attribute heads of its weights: {one_line(e)}") from None
+    return build_config(ChatRexConfig, migrated, config_path)
+
+
+def load_legacy_model(folder: Path, config: ChatRexConfig | None = None) -> ChatRexForConditionalGeneration:
+    """The model of a legacy folder (``config``: its configuration, when already read), every weight consumed
+    (an unexpected or missing one is an error)."""
     weights = folder / "model.safetensors"
-    raw = json.loads((folder / "config.json").read_text())
-    config = ChatRexConfig.from_dict(migrate_config(raw, weight_shapes(weights)))
+    if config is None:
+        path = folder / "config.json"
+        config = legacy_config(read_json_object(path), weight_shapes(weights), path)
     model = ChatRexForConditionalGeneration(config)
     state = {migrate_key(k): v for k, v in load_file(str(weights)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights} does not fit its legacy configuration: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")  # fmt: skip
+        raise ModelFolderError(f"{weights} does not fit its legacy configuration: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")  # fmt: skip
     return model.eval()

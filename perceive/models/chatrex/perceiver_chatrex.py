@@ -22,16 +22,26 @@ from perceive.data.templates import CHATREX_TEMPLATES, PHRASE_SEPARATOR
 from perceive.formats import chatrex
 from perceive.images import load_image
 from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
-from perceive.models.chatrex.legacy import LEGACY_MODEL_TYPE, load_legacy_model
+from perceive.models.chatrex.legacy import LEGACY_MODEL_TYPE, legacy_config, load_legacy_model, migrate_key
 from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
 from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
+from perceive.models.folder_checks import (
+    build_config,
+    check_layer_counts,
+    check_parts,
+    check_pretrained_folder,
+    check_token_ids,
+    check_weights_fit,
+    read_json_object,
+    weight_shapes,
+)
 from perceive.models.generation import generate
 from perceive.models.grammar_chatrex import ChatRexGrammar
 from perceive.models.image_processing import ImageFrame, square_pixels
 from perceive.models.upn.modeling_upn import UpnModel
-from perceive.perceiver import Perceiver
+from perceive.perceiver import ModelFolderError, Perceiver
 from perceive.prompts import VisualPrompt
-from perceive.tokenization import detokenize, load_tokenizer
+from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, detokenize, load_tokenizer
 
 _GROUNDING = re.compile("^" + re.escape(CHATREX_TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
 # what answering reads of an image's encoding (the last two per the model's configuration)
@@ -72,17 +82,43 @@ class ChatRexPerceiver(Perceiver):
 
     @classmethod
     def from_folder(cls, folder: Path) -> ChatRexPerceiver:
+        """The model in ``folder``, checked before anything is built (``perceive.models.folder_checks``): the
+        configurations' fields, the weights complete and shaped as the configurations describe, and a tokenizer
+        whose placeholder ids are the configuration's. A folder that fails is a ``ModelFolderError`` (or
+        ``FileNotFoundError``) naming the file."""
         for need in ("config.json", "model.safetensors", "upn/config.json", "upn/model.safetensors"):
             if not (folder / need).is_file():
                 raise FileNotFoundError(f"{folder} is not a ChatRex model folder: {need} is missing")
-        from perceive.perceiver import read_model_type
-
-        if read_model_type(folder) == LEGACY_MODEL_TYPE:
-            model = load_legacy_model(folder)
+        config_path, weights = folder / "config.json", folder / "model.safetensors"
+        raw, shapes = read_json_object(config_path), weight_shapes(weights)
+        legacy = raw.get("model_type") == LEGACY_MODEL_TYPE
+        config = legacy_config(raw, shapes, config_path) if legacy else build_config(ChatRexConfig, raw, config_path)
+        parts = ("vision", "convnext", "text", "upn")
+        check_parts(config_path, {f"{part}_config": getattr(config, part) for part in parts})
+        check_layer_counts(raw, len(shapes), config_path, weights)
+        if legacy:
+            shapes = {migrate_key(k): v for k, v in shapes.items()}
+        check_weights_fit(lambda: ChatRexForConditionalGeneration(config), shapes, config_path, weights)
+        check_pretrained_folder(folder / "upn", UpnModel)
+        tokenizer = load_tokenizer(folder)
+        obj_ids = config.obj_token_ids
+        if len(obj_ids) > len(OBJ_TOKENS):
+            raise ModelFolderError(f"{config_path}: field obj_token_ids names {len(obj_ids)} tokens; there are "
+                                   f"{len(OBJ_TOKENS)} <objK> tokens")  # fmt: skip
+        if not 1 <= config.max_objects <= len(obj_ids):
+            raise ModelFolderError(f"{config_path}: field max_objects is {config.max_objects}, not 1 to "
+                                   f"{len(obj_ids)}: each box is named by its own <objK> token, of the "
+                                   f"{len(obj_ids)} in obj_token_ids")  # fmt: skip
+        placeholders = [("image_token_id", config.image_token_id, IMAGE), ("roi_token_id", config.roi_token_id, ROI),
+                        ("assistant_token_id", config.assistant_token_id, ASSISTANT),
+                        *((f"obj_token_ids[{k}]", i, OBJ_TOKENS[k]) for k, i in enumerate(obj_ids))]  # fmt: skip
+        check_token_ids(tokenizer, config.text().vocab_size, placeholders, config_path, folder)
+        if legacy:
+            model = load_legacy_model(folder, config)
         else:
             model = ChatRexForConditionalGeneration.from_pretrained(str(folder), use_safetensors=True)
         upn = UpnModel.from_pretrained(str(folder / "upn"), use_safetensors=True)
-        return cls(model, upn, load_tokenizer(folder))
+        return cls(model, upn, tokenizer)
 
     # ------------------------------------------------------------------------------------------
 
