@@ -131,3 +131,20 @@ def test_the_package_exports_the_api_lazily():
     assert perceive.Answer.__module__ == "perceive.answer"
     with pytest.raises(AttributeError):
         perceive.nothing  # noqa: B018
+
+
+def test_a_folder_saved_before_assistant_token_id_existed_still_loads(tmp_path):
+    """Causal models never read the field; its default (-1) is not a token id to check."""
+    folder = tmp_path / "older"
+    shutil.copytree(DEFAULT_MODEL, folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["assistant_token_id"]
+    (folder / "config.json").write_text(json.dumps(config))
+    older = load(folder)
+    assert older.model.config.assistant_token_id == -1
+    rec = GOLDEN[0]
+    _same_answer(older.ask(generate_scene(rec["seed"], WORLD).image, rec["question"]).to_json(), rec)
+    config["prefix_attention"] = "bidirectional"  # which reads it: then it must be the tokenizer's
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="assistant_token_id is -1"):
+        load(folder)

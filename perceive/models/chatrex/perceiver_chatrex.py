@@ -110,8 +110,9 @@ class ChatRexPerceiver(Perceiver):
                                    f"{len(obj_ids)}: each box is named by its own <objK> token, of the "
                                    f"{len(obj_ids)} in obj_token_ids")  # fmt: skip
         placeholders = [("image_token_id", config.image_token_id, IMAGE), ("roi_token_id", config.roi_token_id, ROI),
-                        ("assistant_token_id", config.assistant_token_id, ASSISTANT),
                         *((f"obj_token_ids[{k}]", i, OBJ_TOKENS[k]) for k, i in enumerate(obj_ids))]  # fmt: skip
+        if config.assistant_token_id >= 0 or config.prefix_attention != "causal":  # -1: saved before the field; unread
+            placeholders.append(("assistant_token_id", config.assistant_token_id, ASSISTANT))
         check_token_ids(tokenizer, config.text().vocab_size, placeholders, config_path, folder)
         if legacy:
             model = load_legacy_model(folder, config)
