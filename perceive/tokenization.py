@@ -32,9 +32,10 @@ def world_vocabulary(n_scenes: int = 300) -> list[str]:
     """Every word the world's language and the task templates use, found by generating them."""
     from tokenizers import pre_tokenizers
 
-    from perceive.data.tasks import template_texts
+    from perceive.data.templates import CHATREX_TEMPLATES
     from perceive.world.generator import WorldConfig, generate_scene
     from perceive.world.language import describe
+    from perceive.world.scene import ITEMS, PARTS, SHAPES
 
     pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words: set[str] = set(str(i) for i in range(0, 101))
@@ -43,7 +44,8 @@ def world_vocabulary(n_scenes: int = 300) -> list[str]:
         for piece in _SPECIAL_RE.split(text.lower()):
             words.update(w for w, _ in pre.pre_tokenize_str(piece))
 
-    for text in template_texts():
+    # every fixed word of the templates and answers, and the world's names (asked about even when absent)
+    for text in (*CHATREX_TEMPLATES.values(), "There are None", "yes no nothing nobody", *SHAPES, *ITEMS, *PARTS):
         add(text)
     cfg = WorldConfig(size=128, person_share=0.4, relation_depth=2)
     for seed in range(n_scenes):

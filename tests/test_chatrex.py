@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from perceive.boxes import box_iou
+from perceive.data.sources.world import scene_record, world_schema
 from perceive.formats import chatrex
 from perceive.models.chatrex.anchor_pointer import ANCHOR_GEOMETRY
 from perceive.models.chatrex.configuration_chatrex import TINY, ChatRexConfig, named_config
@@ -26,12 +27,11 @@ from perceive.train.data import (
     WORLD_ATTRIBUTES,
     WORLD_ORDER_GROUPINGS,
     WorldTasks,
-    attribute_targets,
     order_target,
     world_model_options,
 )
 from perceive.world.generator import WorldConfig, generate_scene
-from perceive.world.language import NounPhrase, evaluate
+from perceive.world.language import NounPhrase, describe, evaluate
 from perceive.world.scene import COLORS, ITEMS
 
 WORLD = WorldConfig(size=128, person_share=0.35, max_objects=5)
@@ -127,7 +127,8 @@ def test_training_boxes_stand_proposals_for_objects_and_keep_duplicates_only_whe
 ):
     proc = ChatRexProcessor(world_tokenizer, micro_config)
     data = WorldTasks(proc, WORLD, seed=1, near_duplicates=near_duplicates)
-    scene = data.scene(0)
+    record = data.record(0)
+    scene = record.origin
     gt = np.array([o.box for o in scene.objects], dtype=np.float32)
     iou = box_iou(torch.from_numpy(gt), torch.from_numpy(gt)).numpy() - np.eye(len(gt))
     alone = int(iou.max(axis=1).argmin())  # an object that no other object's box resembles
@@ -138,7 +139,7 @@ def test_training_boxes_stand_proposals_for_objects_and_keep_duplicates_only_whe
     duplicate = [x0 - pad, y0 - pad, x1 + pad, y1 + pad]  # IoU >= 0.5, but the other one fits better
     nothing = [0, 0, 2, 2]
     proposals = np.array([duplicate, nothing, covering], dtype=np.float32)
-    boxes, ids = data.boxes_for(scene, random.Random(0), proposals)
+    boxes, ids = data.boxes_for(record, random.Random(0), proposals)
     assert sorted(i for i in ids if i is not None) == sorted(o.id for o in scene.objects)  # each object once
     assert np.allclose(boxes[ids.index(scene.objects[alone].id)], covering)
     assert len(boxes) == len(gt) + (2 if near_duplicates else 1) and ids.count(None) == len(boxes) - len(gt)
@@ -177,14 +178,14 @@ def test_questions_per_scene_ask_several_questions_of_one_scene_and_its_boxes(wo
     shared = WorldTasks(proc, WORLD, seed=3, questions_per_scene=3)
     batch, items = shared.batch(list(range(6)))
     assert batch["image_index"].tolist() == [0, 0, 0, 1, 1, 1] and batch["pixel_low"].shape[0] == 2
-    assert items[0].scene.seed == items[2].scene.seed != items[3].scene.seed
+    assert items[0].record.origin.seed == items[2].record.origin.seed != items[3].record.origin.seed
     assert all(np.array_equal(items[0].boxes, it.boxes) and items[0].box_objects == it.box_objects for it in items[:3])
     assert len({it.qa.question for it in items[:3]}) == 3  # a question each, drawn apart
     # one question a scene is the stream as it was: item i asks about scene i, and no image_index
     single = WorldTasks(proc, WORLD, seed=3)
     batch1, items1 = single.batch([0, 1])
     assert "image_index" not in batch1 and batch1["pixel_low"].shape[0] == 2
-    assert items1[1].scene.seed == items[3].scene.seed  # scene 1 either way
+    assert items1[1].record.origin.seed == items[3].record.origin.seed  # scene 1 either way
     assert items1[0].qa.question == items[0].qa.question  # the first question on a scene is the same draw
     with pytest.raises(ValueError, match="at least 1"):
         WorldTasks(proc, WORLD, questions_per_scene=0)
@@ -305,10 +306,11 @@ def test_holding_targets_and_heads(world_tokenizer, micro_config):
     free = [p for p in scene.of_kind("person") if p.holding is None]
     holding = ["held_item", "held_item_color"]
     held = [1 + ITEMS.index(item.category), list(COLORS).index(item.color)]
-    assert attribute_targets(scene, holder.id, holding) == held
-    assert attribute_targets(scene, item.id, holding) == [0, -100]
-    assert all(attribute_targets(scene, p.id, holding) == [0, -100] for p in free)
-    assert attribute_targets(scene, None) == [-100] * len(WORLD_ATTRIBUTES)
+    record, schema = scene_record(scene, describe(scene, WORLD)), world_schema()
+    assert schema.labels(record.instance(holder.id), holding) == held
+    assert schema.labels(record.instance(item.id), holding) == [0, -100]
+    assert all(schema.labels(record.instance(p.id), holding) == [0, -100] for p in free)
+    assert schema.labels(None, list(WORLD_ATTRIBUTES)) == [-100] * len(WORLD_ATTRIBUTES)
 
     with_heads = _model(micro_config, **world_model_options(), attribute_embedding=True)
     assert list(with_heads.attribute_heads) == list(WORLD_ATTRIBUTES)
@@ -605,7 +607,7 @@ def test_pointer_targets_give_each_group_its_anchor_and_the_order_feature_only_i
             for g, program in enumerate(programs):
                 anchors = torch.nonzero(batch["group_anchors"][i, g])[:, 0].tolist()
                 if "anchor" in program:
-                    want = set(evaluate(it.scene, program["anchor"]))
+                    want = set(evaluate(it.record.origin, program["anchor"]))
                     assert anchors and {it.box_objects[k] for k in anchors} == want
                     anchored += 1
                 else:
@@ -613,8 +615,9 @@ def test_pointer_targets_give_each_group_its_anchor_and_the_order_feature_only_i
                 target = int(batch["group_order"][i, g])
                 assert target == order_target(program, WORLD_ORDER_GROUPINGS)
                 if target >= 0:
+                    phrase, scene = NounPhrase(**program["np"]), it.record.origin
                     matches = [k for k, o in enumerate(it.box_objects)
-                               if o is not None and NounPhrase(**program["np"]).matches(it.scene.get(o))]  # fmt: skip
+                               if o is not None and phrase.matches(scene.get(o))]  # fmt: skip
                     has = [k for k in matches if counts[0, k, target] > 0.99]
                     assert has == it.qa.groups[g] and len(matches) > 1
                     ordered += 1

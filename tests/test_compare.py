@@ -4,16 +4,18 @@ import pytest
 import torch
 
 from perceive import compare
+from perceive.data.sources.world import scene_record
 from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
 from perceive.models.upn.modeling_upn import UpnConfig, UpnModel
 from perceive.train.data import coordinate_answer
 from perceive.world.generator import WorldConfig, generate_scene
+from perceive.world.language import describe
 
 
 def test_coordinate_answers_tokenize_without_unknown_words(micro_config):
     tok = _tok(micro_config)
     scene = generate_scene(1, WorldConfig(size=256))
-    text = coordinate_answer(scene, ["circle"], [[o.id for o in scene.instances[:2]]])
+    text = coordinate_answer(scene_record(scene, describe(scene)), ["circle"], [[o.id for o in scene.instances[:2]]])
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids, tok.convert_ids_to_tokens(ids)
 
@@ -23,7 +25,7 @@ def test_coordinate_answers_parse_back_to_the_boxes():
 
     scene = generate_scene(1, WorldConfig(size=256))
     ids = [o.id for o in scene.instances[:3]]
-    text = coordinate_answer(scene, ["things", "nothing"], [ids, []])
+    text = coordinate_answer(scene_record(scene, describe(scene)), ["things", "nothing"], [ids, []])
     assert text.endswith("nothing None")
     boxes = compare._coordinate_boxes(text, 256)
     assert len(boxes) == 3

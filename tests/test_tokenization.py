@@ -1,5 +1,6 @@
 import random
 
+from perceive.data.sources.world import scene_record
 from perceive.data.tasks import TASKS, make_qa
 from perceive.formats import chatrex
 from perceive.tokenization import SPECIAL_TOKENS, detokenize, load_tokenizer
@@ -17,10 +18,10 @@ def test_special_tokens_are_atomic_and_answers_round_trip(world_tokenizer):
     checked = 0
     for seed in range(25):
         scene = generate_scene(seed, cfg)
-        lang = describe(scene, cfg)
+        record = scene_record(scene, describe(scene, cfg))
         box_objects = [o.id for o in scene.objects]
         for task in TASKS:
-            qa = make_qa(task, scene, lang, box_objects, rng)
+            qa = make_qa(task, record, box_objects, rng)
             if qa is None:
                 continue
             ids = world_tokenizer(qa.answer, add_special_tokens=False)["input_ids"]

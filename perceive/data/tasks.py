@@ -1,8 +1,10 @@
 """ChatRex's tasks as prompt templates (ChatRex, supplementary Tab. 9), turned into question/answer
-pairs from a world scene, its language and the list of boxes the model is given.
+pairs from an image's record (``perceive.data.records``) and the list of boxes the model is given.
 
 Every answer is written in ChatRex's released format (``perceive.formats.chatrex``); object ``k``
-is the k-th box given to the model. Indices in a group are in ascending order.
+is the k-th box given to the model, ``box_objects[k]`` the instance id it stands for (None for a
+proposal that covers no instance). Indices in a group are in ascending order. A task a record cannot
+pose (no expressions, no captions) gives None; ``feeds`` says which tasks a record can pose.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from perceive.data.records import ImageRecord
 from perceive.data.templates import CHATREX_TEMPLATES, PHRASE_SEPARATOR
 from perceive.formats import chatrex
-from perceive.world.language import EXPRESSION_KINDS, SceneLanguage, evaluate
-from perceive.world.scene import ITEMS, PARTS, SHAPES, Scene
 
 TASKS = ("detect", "refer", "region_category", "region_phrase", "region_brief", "region_sentence", "count",
          "caption_brief", "caption_detailed", "region_qa")  # fmt: skip
+REGION_FIELDS = {"region_category": "category", "region_phrase": "short_phrase", "region_brief": "brief",
+                 "region_sentence": "referring"}  # fmt: skip
+_COUNT_QUESTION = re.compile(r"How many (.+) are there\?")
 
 
 @dataclass
@@ -30,11 +34,6 @@ class QA:
     meta: dict = field(default_factory=dict)
 
 
-def template_texts() -> list[str]:
-    """Every fixed word of the templates and answers (for building the world tokenizer)."""
-    return [*CHATREX_TEMPLATES.values(), "There are None", "yes no nothing nobody", *SHAPES, *ITEMS, *PARTS]
-
-
 def _indices(box_objects: list[int | None], ids: list[int]) -> list[int]:
     wanted = set(ids)
     return sorted(k for k, o in enumerate(box_objects) if o in wanted)
@@ -44,26 +43,57 @@ def _refs(keys: list[int]) -> str:
     return PHRASE_SEPARATOR.join(f"<obj{k}>" for k in keys)
 
 
-def detect(scene: Scene, box_objects: list[int | None], rng: random.Random) -> QA:
-    """Category detection, one or several categories (';'-separated), sometimes one that is absent."""
-    present = sorted({o.category for o in scene.objects if o.id in box_objects})
-    names = rng.sample(present, min(len(present), rng.choice([1, 1, 2, 3])))
-    if rng.random() < 0.15:
-        absent = [c for c in (*SHAPES, *ITEMS, "person") if c not in present]
-        if absent:
-            names.append(rng.choice(absent))
-            rng.shuffle(names)
-    groups = [_indices(box_objects, [o.id for o in scene.objects if o.category == n]) for n in names]
+def feeds(record: ImageRecord) -> list[str]:
+    """The tasks ``record`` can pose (before the boxes are chosen)."""
+    has = {
+        "detect": any(not i.iscrowd for i in record.instances),
+        "refer": bool(record.expressions),
+        **{task: any(getattr(r, f) for r in record.regions) for task, f in REGION_FIELDS.items()},
+        "count": any(q.kind == "count" for q in record.questions),
+        "caption_brief": any(c.kind == "caption_brief" for c in record.captions),
+        "caption_detailed": any(c.kind == "caption_detailed" for c in record.captions),
+        "region_qa": any(q.kind == "region_qa" for q in record.questions),
+    }
+    return [t for t in TASKS if has[t]]
+
+
+def detect(record: ImageRecord, box_objects: list[int | None], rng: random.Random) -> QA | None:
+    """Category detection, one or several categories (';'-separated), sometimes one that is absent (from the
+    record's ``negative_categories``, never a category the image is not known to lack); an image with no
+    instance is asked about an absent one."""
+    shown = set(box_objects)
+    targets = [i for i in record.instances if not i.iscrowd]
+    present = sorted({i.category for i in targets if i.id in shown})
+    crowded = {i.category for i in record.instances if i.iscrowd}  # a crowd's category is not absent
+
+    def absent() -> list[str]:
+        return [c for c in record.negative_categories if c not in present and c not in crowded]
+
+    if present:
+        names = rng.sample(present, min(len(present), rng.choice([1, 1, 2, 3])))
+        if rng.random() < 0.15:
+            candidates = absent()
+            if candidates:
+                names.append(rng.choice(candidates))
+                rng.shuffle(names)
+    elif absent():
+        names = [rng.choice(absent())]
+    else:
+        return None
+    groups = [_indices(box_objects, [i.id for i in targets if i.category == n]) for n in names]
     answer = chatrex.render_groups(zip(names, groups, strict=True))
     return QA("detect", CHATREX_TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(names)), answer, groups, names)
 
 
-def check_refer_options(kind_weights: dict[str, float] | None, max_expressions: int) -> None:
-    """Refuse what ``refer`` could not draw by: unknown kinds, weights <= 0, fewer than one expression."""
+def check_refer_options(
+    kind_weights: dict[str, float] | None, max_expressions: int, known_kinds: tuple[str, ...] | None = None
+) -> None:
+    """Refuse what ``refer`` could not draw by: weights <= 0, fewer than one expression, and kinds the data
+    does not have (when it says which it has: ``known_kinds``)."""
     if kind_weights is not None:
-        unknown = set(kind_weights) - set(EXPRESSION_KINDS)
+        unknown = set(kind_weights) - set(known_kinds) if known_kinds is not None else set()
         if unknown:
-            raise ValueError(f"unknown expression kinds {sorted(unknown)}; known: {EXPRESSION_KINDS}")
+            raise ValueError(f"unknown expression kinds {sorted(unknown)}; known: {known_kinds}")
         if not all(w > 0 for w in kind_weights.values()):
             raise ValueError(f"refer_weights must be positive, got {kind_weights}")
     if max_expressions < 1:
@@ -71,8 +101,7 @@ def check_refer_options(kind_weights: dict[str, float] | None, max_expressions: 
 
 
 def refer(
-    scene: Scene,
-    lang: SceneLanguage,
+    record: ImageRecord,
     box_objects: list[int | None],
     rng: random.Random,
     max_expressions: int = 3,
@@ -81,39 +110,37 @@ def refer(
     """Referring (single- and multi-instance, rejections included), one to ``max_expressions``
     expressions a query.
 
-    ``kind_weights`` (``"domain/sub_domain"`` -> weight, 1 where absent) makes an expression of a
-    scene that many times as likely to be drawn; None draws them uniformly."""
-    if not lang.expressions:
+    ``kind_weights`` (``"domain/sub_domain"`` -> weight, 1 where absent) makes an expression of an
+    image that many times as likely to be drawn; None draws them uniformly."""
+    expressions = record.expressions
+    if not expressions:
         return None
-    n = min(len(lang.expressions), rng.randint(1, max_expressions))
+    n = min(len(expressions), rng.randint(1, max_expressions))
     if kind_weights is None:
-        exprs = rng.sample(lang.expressions, n)
+        exprs = rng.sample(expressions, n)
     else:  # weighted draw without replacement (Efraimidis & Spirakis): the n largest u ** (1 / w)
-        keys = [rng.random() ** (1.0 / kind_weights.get(e.kind, 1.0)) for e in lang.expressions]
-        exprs = [lang.expressions[i] for i in sorted(range(len(keys)), key=lambda i: -keys[i])[:n]]
+        keys = [rng.random() ** (1.0 / kind_weights.get(e.kind, 1.0)) for e in expressions]
+        exprs = [expressions[i] for i in sorted(range(len(keys)), key=lambda i: -keys[i])[:n]]
     phrases = [e.text for e in exprs]
     groups = [_indices(box_objects, e.answer) for e in exprs]
     answer = chatrex.render_groups(zip(phrases, groups, strict=True))
     meta = {
         "domains": [e.domain for e in exprs],
         "sub_domains": [e.sub_domain for e in exprs],
-        "programs": [e.program for e in exprs],
+        "programs": [e.program or {} for e in exprs],
         # the boxes of the object each expression is about ("next to the red square"), empty without one
-        "anchors": [_indices(box_objects, evaluate(scene, e.program["anchor"])) if "anchor" in e.program else []
-                    for e in exprs],
-    }  # fmt: skip
-    return QA(
-        "refer", CHATREX_TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(phrases)), answer, groups, phrases, meta
-    )
+        "anchors": [_indices(box_objects, e.anchor) if e.anchor is not None else [] for e in exprs],
+    }
+    question = CHATREX_TEMPLATES["detect"].format(obj=PHRASE_SEPARATOR.join(phrases))
+    return QA("refer", question, answer, groups, phrases, meta)
 
 
 def region_caption(
-    scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng: random.Random, granularity: str
+    record: ImageRecord, box_objects: list[int | None], rng: random.Random, granularity: str
 ) -> QA | None:
     """Region captions at ChatRex's four granularities; one or two regions a query."""
-    texts = {r.object: r for r in lang.regions}
-    field_of = {"region_category": "category", "region_phrase": "short_phrase", "region_brief": "brief",
-                "region_sentence": "referring"}[granularity]  # fmt: skip
+    texts = {r.object: r for r in record.regions}
+    field_of = REGION_FIELDS[granularity]
     candidates = [k for k, o in enumerate(box_objects) if o in texts and getattr(texts[o], field_of)]
     if not candidates:
         return None
@@ -130,13 +157,13 @@ def region_caption(
     )
 
 
-def count(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng: random.Random) -> QA | None:
-    qs = [q for q in lang.questions if q.kind == "count"]
+def count(record: ImageRecord, box_objects: list[int | None], rng: random.Random) -> QA | None:
+    qs = [q for q in record.questions if q.kind == "count"]
     if not qs:
         return None
     q = rng.choice(qs)
-    m = re.match(r"How many (.+) are there\?", q.question)
-    if m is None:  # pragma: no cover - the world writes every counting question this way
+    m = _COUNT_QUESTION.match(q.question)
+    if m is None:  # a source writes every counting question this way (``sources.count_questions``)
         return None
     phrase = m[1]
     group = _indices(box_objects, q.answer_objects)
@@ -145,17 +172,19 @@ def count(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng:
     return QA("count", CHATREX_TEMPLATES["count"].format(obj=phrase), answer, [group], [phrase], {"count": len(group)})
 
 
-def caption(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], kind: str) -> QA:
-    cap = next(c for c in lang.captions if c.kind == kind)
-    groups = [chatrex.GroundedPhrase(p["phrase"], tuple(_indices(box_objects, p["objects"])), tuple(p["span"]))
+def caption(record: ImageRecord, box_objects: list[int | None], kind: str) -> QA | None:
+    cap = next((c for c in record.captions if c.kind == kind), None)
+    if cap is None:
+        return None
+    groups = [chatrex.GroundedPhrase(p.phrase, tuple(_indices(box_objects, p.objects)), (p.span[0], p.span[1]))
               for p in cap.phrases]  # fmt: skip
     answer = chatrex.render(cap.text, groups)
     return QA(kind, CHATREX_TEMPLATES[kind], answer, [list(g.indices) for g in groups], [g.phrase for g in groups])
 
 
-def region_qa(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], rng: random.Random) -> QA | None:
+def region_qa(record: ImageRecord, box_objects: list[int | None], rng: random.Random) -> QA | None:
     """Questions about a region, answered in grounded format (ChatRex's grounded conversation)."""
-    qs = [q for q in lang.questions if q.kind == "region_qa" and all(o in box_objects for o in q.objects)]
+    qs = [q for q in record.questions if q.kind == "region_qa" and all(o in box_objects for o in q.objects)]
     if not qs:
         return None
     q = rng.choice(qs)
@@ -174,25 +203,24 @@ def region_qa(scene: Scene, lang: SceneLanguage, box_objects: list[int | None], 
 
 def make_qa(
     task: str,
-    scene: Scene,
-    lang: SceneLanguage,
+    record: ImageRecord,
     box_objects: list[int | None],
     rng: random.Random,
     refer_weights: dict[str, float] | None = None,
     refer_expressions: int = 3,
 ) -> QA | None:
-    """One question/answer pair of ``task``, or None when the scene cannot pose it (``refer_weights``
+    """One question/answer pair of ``task``, or None when the record cannot pose it (``refer_weights``
     and ``refer_expressions``: ``refer``'s ``kind_weights`` and ``max_expressions``)."""
     if task == "detect":
-        return detect(scene, box_objects, rng)
+        return detect(record, box_objects, rng)
     if task == "refer":
-        return refer(scene, lang, box_objects, rng, refer_expressions, refer_weights)
-    if task.startswith("region_") and task != "region_qa":
-        return region_caption(scene, lang, box_objects, rng, task)
+        return refer(record, box_objects, rng, refer_expressions, refer_weights)
+    if task in REGION_FIELDS:
+        return region_caption(record, box_objects, rng, task)
     if task == "count":
-        return count(scene, lang, box_objects, rng)
+        return count(record, box_objects, rng)
     if task in ("caption_brief", "caption_detailed"):
-        return caption(scene, lang, box_objects, task)
+        return caption(record, box_objects, task)
     if task == "region_qa":
-        return region_qa(scene, lang, box_objects, rng)
+        return region_qa(record, box_objects, rng)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")

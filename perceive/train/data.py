@@ -1,88 +1,97 @@
-"""Training batches streamed from the synthetic world: no disk, every batch fresh and reproducible.
+"""Training batches from records (``perceive.data.records``): the synthetic world streamed with no disk, or
+the field's annotation files, each batch a function of the step alone, so a killed run resumes exactly.
 
-Boxes follow ChatRex Sec. 4.2: the scene's ground-truth boxes mixed with proposals, at most 100,
-shuffled. With a UPN, each ground-truth object that a proposal covers (IoU >= 0.5) is represented by
-that proposal (what the model sees at inference), the others keep their true box, and the remaining
-proposals are distractors: those that cover no object, and with ``near_duplicates`` also a second
-proposal of an object already represented (at inference such duplicates are in the list, and
-naming both counts one as a false positive).
+Boxes follow ChatRex Sec. 4.2: the record's ground-truth boxes mixed with proposals, at most 100,
+shuffled. With a UPN (or proposals computed once for a file source), each ground-truth object that a
+proposal covers (IoU >= 0.5) is represented by that proposal (what the model sees at inference), the
+others keep their true box, and the remaining proposals are distractors: those that cover no object,
+and with ``near_duplicates`` also a second proposal of an object already represented (at inference such
+duplicates are in the list, and naming both counts one as a false positive). ``box_mixing="chatrex"``
+is ChatRex's own rule instead: every ground-truth box kept as it is, and the proposals added but those
+with IoU > 0.9 to one of them.
 
-With ``questions_per_scene`` k > 1, items ``k*s .. k*s + k - 1`` ask k questions about scene s over
-the same shuffled boxes, and a batch encodes each scene once (``image_index``): the scene, its
-language, its proposals and the vision encoders cost a k-th as much per question.
+With ``questions_per_scene`` k > 1, items ``k*s .. k*s + k - 1`` ask k questions about image s over
+the same shuffled boxes, and a batch encodes each image once (``image_index``): the image, its
+proposals and the vision encoders cost a k-th as much per question.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from perceive.boxes import box_iou, match_one_to_one
-from perceive.data.tasks import TASKS, check_refer_options, make_qa
+from perceive.data.records import AttributeSchema, ImageRecord
+from perceive.data.sources.world import WORLD_ORDER_GROUPINGS, WorldSource, world_schema
+from perceive.data.tasks import QA, TASKS, check_refer_options, make_qa
 from perceive.models.chatrex.object_order import order_feature_index
 from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
-from perceive.world.generator import WorldConfig, generate_scene
-from perceive.world.language import SceneLanguage, describe
-from perceive.world.scene import CATEGORY_IDS, COLORS, ITEMS, PATTERNS, SIZES, Scene, category_table
+from perceive.world.generator import WorldConfig
 
 DEFAULT_TASK_WEIGHTS = {
     "detect": 2.0, "refer": 4.0, "region_category": 1.5, "region_phrase": 1.0, "region_brief": 0.5,
     "region_sentence": 0.5, "count": 1.5, "caption_brief": 0.5, "caption_detailed": 0.25, "region_qa": 1.0,
 }  # fmt: skip
-COLOR_NAMES = list(COLORS)
-# what the world labels on each object, name -> classes: the attribute heads a model trained on it gets
-WORLD_ATTRIBUTES = {
-    "category": sum(c["granularity"] != "stuff" for c in category_table()),  # things and parts, ids 1..15
-    "color": len(COLORS),  # a person's is its shirt's
-    "pattern": len(PATTERNS),
-    "size": len(SIZES),
-    "held_item": 1 + len(ITEMS),  # nothing, or one of the items
-    "held_item_color": len(COLORS),
-}
-# attributes about what surrounds an object (what a person holds): a model reads them off the box's whole RoI grid
-WORLD_GRID_ATTRIBUTES = ("held_item", "held_item_color")
-# the ways of being alike that ranks among boxes are counted by: "the second circle", "the second red circle"
-WORLD_ORDER_GROUPINGS = [["category"], ["category", "color"]]
+BOX_MIXINGS = ("proposals_stand_in", "chatrex")
+CHATREX_DUPLICATE_IOU = 0.9  # ChatRex Sec. 4.2: a proposal this close to a ground-truth box is dropped
+WORLD_ATTRIBUTES = world_schema().classes()  # what the world labels, name -> classes
 
 
-def world_model_options(attributes: list[str] | None = None, order_groupings: list[list[str]] | None = None) -> dict:
-    """The configuration fields that training on the world decides: heads for ``attributes`` (None: every one
-    the world labels), those of them read from the RoI grid, and the ``order_groupings`` (default
-    ``WORLD_ORDER_GROUPINGS``)."""
-    names = list(WORLD_ATTRIBUTES) if attributes is None else list(attributes)
-    groupings = [list(g) for g in (order_groupings if order_groupings is not None else WORLD_ORDER_GROUPINGS)]
-    unknown = sorted({*names, *(h for g in groupings for h in g)} - set(WORLD_ATTRIBUTES))
+class RecordStream(Protocol):
+    """What a task stream draws its images from: the record of image ``index`` of a stream seeded ``seed``."""
+
+    schema: AttributeSchema
+    kinds: tuple[str, ...] | None  # the kinds of expression the data has, where it says
+
+    def record_for(self, seed: int, index: int) -> ImageRecord: ...
+
+
+class WorldStream:
+    """The world as a stream: image ``index`` of seed ``seed`` is scene ``seed * 1_000_003 + index``."""
+
+    def __init__(self, config: WorldConfig) -> None:
+        self.source = WorldSource(config)
+        self.schema = self.source.schema
+        self.kinds: tuple[str, ...] | None = self.source.kinds
+
+    def record_for(self, seed: int, index: int) -> ImageRecord:
+        return self.source.record(seed * 1_000_003 + index)
+
+
+def model_options(
+    schema: AttributeSchema, attributes: list[str] | None = None, order_groupings: list[list[str]] | None = None
+) -> dict:
+    """The configuration fields that the training data decides: heads for ``attributes`` (None: every one the
+    data labels), those of them read from the RoI grid, and the ``order_groupings`` (default
+    ``WORLD_ORDER_GROUPINGS``) that the data's heads can count by."""
+    labelled = schema.classes()
+    names = list(labelled) if attributes is None else list(attributes)
+    unknown = sorted(set(names) - set(labelled))
     if unknown:
-        raise ValueError(f"the world does not label {unknown}; it labels {', '.join(WORLD_ATTRIBUTES)}")
+        raise ValueError(f"the data does not label {unknown}; it labels {', '.join(labelled)}")
+    wanted = [list(g) for g in (order_groupings if order_groupings is not None else WORLD_ORDER_GROUPINGS)]
+    groupings = [g for g in wanted if set(g) <= set(names)] or [["category"]]
     return {
-        "attribute_heads": {n: WORLD_ATTRIBUTES[n] for n in names},
-        "grid_attribute_heads": [n for n in names if n in WORLD_GRID_ATTRIBUTES],
+        "attribute_heads": {n: labelled[n] for n in names},
+        "grid_attribute_heads": [n for n in names if n in schema.grid],
         "order_groupings": groupings,
     }
 
 
-def attribute_targets(scene: Scene, obj_id: int | None, names: Sequence[str] = tuple(WORLD_ATTRIBUTES)) -> list[int]:
-    """The class indices of a box's object for the attributes ``names`` (``WORLD_ATTRIBUTES``' keys), -100 where
-    unknown. What is not a person holds nothing (class 0), so the held-item head learns to say so of a held
-    cup's own box."""
-    if obj_id is None:
-        return [-100] * len(names)
-    o = scene.get(obj_id)
-    color = o.shirt if o.kind == "person" else o.color
-    held = scene.get(o.holding) if o.holding is not None else None
-    values = {
-        "category": CATEGORY_IDS[o.category] - 1,
-        "color": COLOR_NAMES.index(color) if color else -100,
-        "pattern": PATTERNS.index(o.pattern) if o.pattern else -100,
-        "size": SIZES.index(o.size) if o.size else -100,
-        "held_item": 1 + ITEMS.index(held.category) if held is not None else 0,
-        "held_item_color": COLOR_NAMES.index(held.color) if held is not None and held.color else -100,
-    }
-    return [values[n] for n in names]
+def world_model_options(attributes: list[str] | None = None, order_groupings: list[list[str]] | None = None) -> dict:
+    """``model_options`` of the world, which labels every attribute its order groupings name."""
+    wanted = order_groupings if order_groupings is not None else WORLD_ORDER_GROUPINGS
+    unknown = sorted({h for g in wanted for h in g} - set(WORLD_ATTRIBUTES))
+    if unknown:
+        raise ValueError(f"the world does not label {unknown}; it labels {', '.join(WORLD_ATTRIBUTES)}")
+    try:
+        return model_options(world_schema(), attributes, wanted)
+    except ValueError as e:
+        raise ValueError(str(e).replace("the data", "the world")) from None
 
 
 @dataclass
@@ -92,15 +101,17 @@ class Item:
     boxes: np.ndarray  # normalised xyxy
     box_objects: list[int | None]
     attributes: list[list[int]]
-    scene: Scene
-    qa: object
+    record: ImageRecord
+    qa: QA
 
 
-class WorldTasks:
+class TaskStream:
+    """ChatRex's tasks over the records of ``data``: item ``index`` is one question on one image."""
+
     def __init__(
         self,
         processor: ChatRexProcessor,
-        world: WorldConfig,
+        data: RecordStream,
         seed: int = 0,
         task_weights: dict[str, float] | None = None,
         upn=None,
@@ -109,9 +120,13 @@ class WorldTasks:
         refer_weights: dict[str, float] | None = None,
         refer_expressions: int = 3,
         questions_per_scene: int = 1,
+        proposals=None,
+        box_mixing: str = "proposals_stand_in",
     ) -> None:
+        """``upn`` proposes boxes for each batch's images; ``proposals`` (a ``perceive.train.proposals``
+        cache, ``get(record)`` -> boxes or None) gives those computed once for a file source instead."""
         self.processor = processor
-        self.world = world
+        self.data = data
         self.seed = seed
         weights = task_weights or DEFAULT_TASK_WEIGHTS
         unknown = set(weights) - set(TASKS)
@@ -120,39 +135,55 @@ class WorldTasks:
         self.tasks = [t for t in weights if weights[t] > 0]
         self.weights = [weights[t] for t in self.tasks]
         self.upn = upn
+        self.proposals = proposals
         if answer_format not in ("indices", "coordinates"):
             raise ValueError(f"answer_format must be 'indices' or 'coordinates', got {answer_format!r}")
         if answer_format == "coordinates" and set(self.tasks) - {"detect", "refer"}:
             raise ValueError("the coordinate format is for detection and referring tasks only")
+        if box_mixing not in BOX_MIXINGS:
+            raise ValueError(f"box_mixing must be one of {BOX_MIXINGS}, got {box_mixing!r}")
         self.answer_format = answer_format
         self.near_duplicates = near_duplicates
-        check_refer_options(refer_weights, refer_expressions)
+        self.box_mixing = box_mixing
+        check_refer_options(refer_weights, refer_expressions, data.kinds)
         self.refer_weights = refer_weights
         self.refer_expressions = refer_expressions
         if questions_per_scene < 1:
             raise ValueError(f"questions_per_scene must be at least 1, got {questions_per_scene}")
         self.questions_per_scene = questions_per_scene
-        # the label columns of the model's attribute heads, which must be what the world labels
+        # the label columns of the model's attribute heads, which must be what the data labels
         self.attributes = list(getattr(processor.config, "attribute_heads", {}))
-        unlabelled = [a for a in self.attributes if a not in WORLD_ATTRIBUTES]
+        labelled = data.schema.classes()
+        unlabelled = [a for a in self.attributes if a not in labelled]
         if unlabelled:
-            raise ValueError(f"the model has attribute heads {unlabelled} that the world does not label; it labels "
-                             f"{', '.join(WORLD_ATTRIBUTES)}")  # fmt: skip
+            raise ValueError(f"the model has attribute heads {unlabelled} that the data does not label; it labels "
+                             f"{', '.join(labelled) or 'nothing'}")  # fmt: skip
 
-    def boxes_for(self, scene: Scene, rng: random.Random, proposals: np.ndarray | None) -> tuple[np.ndarray, list]:
-        gt = np.array([o.box for o in scene.objects], dtype=np.float32)
-        ids: list[int | None] = [o.id for o in scene.objects]
+    def boxes_for(
+        self, record: ImageRecord, rng: random.Random, proposals: np.ndarray | None
+    ) -> tuple[np.ndarray, list[int | None]]:
+        """The boxes the model is given (xyxy pixels, shuffled) and the instance each stands for (None: a
+        proposal of no instance); crowd regions are never given."""
+        targets = [i for i in record.instances if not i.iscrowd]
+        cap = self.processor.config.max_objects
+        if len(targets) > cap:  # more objects than the model takes: a random choice of them
+            targets = rng.sample(targets, cap)
+        gt = np.array([i.box for i in targets], dtype=np.float32).reshape(-1, 4)
+        ids: list[int | None] = [i.id for i in targets]
         boxes = gt.copy()
         if proposals is not None and len(proposals):
             iou = box_iou(torch.from_numpy(gt), torch.from_numpy(proposals))
-            matched = match_one_to_one(iou)
-            for i, j in enumerate(matched):
-                if j is not None:
-                    boxes[i] = proposals[j]
-            extra = [j for j in range(len(proposals))
-                     if j not in matched and (self.near_duplicates or float(iou[:, j].max()) < 0.5)]  # fmt: skip
-            room = self.processor.config.max_objects - len(boxes)
-            extra = extra[: max(0, room)]
+            if self.box_mixing == "chatrex":  # every true box as it is; proposals but near-copies of one
+                close = (iou > CHATREX_DUPLICATE_IOU).any(dim=0).tolist()
+                extra = [j for j in range(len(proposals)) if not close[j]]
+            else:
+                matched = match_one_to_one(iou)
+                for i, j in enumerate(matched):
+                    if j is not None:
+                        boxes[i] = proposals[j]
+                extra = [j for j in range(len(proposals))
+                         if j not in matched and (self.near_duplicates or float(iou[:, j].max()) < 0.5)]  # fmt: skip
+            extra = extra[: max(0, cap - len(boxes))]
             boxes = np.concatenate([boxes, proposals[extra]]) if extra else boxes
             ids = ids + [None] * len(extra)
         order = list(range(len(boxes)))
@@ -160,60 +191,64 @@ class WorldTasks:
         return boxes[order], [ids[k] for k in order]
 
     def scene_index(self, index: int) -> int:
-        """The scene that item ``index`` asks about."""
+        """The image that item ``index`` asks about."""
         return index // self.questions_per_scene
 
-    def scene(self, scene_index: int) -> Scene:
-        return generate_scene(self.seed * 1_000_003 + scene_index, self.world)
+    def record(self, scene_index: int) -> ImageRecord:
+        return self.data.record_for(self.seed, scene_index)
 
     def item(
         self,
         index: int,
         task: str | None = None,
         proposals: np.ndarray | None = None,
-        scene: Scene | None = None,
-        language: SceneLanguage | None = None,
+        record: ImageRecord | None = None,
+        image: np.ndarray | None = None,
     ) -> Item:
-        """Item ``index``: a question on scene ``scene_index(index)`` (``scene``, ``language`` and
+        """Item ``index``: a question on image ``scene_index(index)`` (``record``, its ``image`` and
         ``proposals`` when the caller has them already)."""
         s = self.scene_index(index)
         rng = random.Random(self.seed * 1_000_003 + s)
-        scene = scene if scene is not None else self.scene(s)
-        lang = language if language is not None else describe(scene, self.world)
-        boxes, box_objects = self.boxes_for(scene, rng, proposals)  # the same order for every question on s
-        if index % self.questions_per_scene:  # a further question on the scene: draws of its own
+        record = record if record is not None else self.record(s)
+        image = image if image is not None else record.image()
+        boxes, box_objects = self.boxes_for(record, rng, proposals)  # the same order for every question on s
+        if index % self.questions_per_scene:  # a further question on the image: draws of its own
             rng.seed(f"{self.seed}/{index}")
         for _ in range(10):
             name = task or rng.choices(self.tasks, self.weights)[0]
-            qa = make_qa(name, scene, lang, box_objects, rng, self.refer_weights, self.refer_expressions)
+            qa = make_qa(name, record, box_objects, rng, self.refer_weights, self.refer_expressions)
             if qa is not None:
                 break
-        else:  # pragma: no cover - "detect" always works
-            raise RuntimeError("no task could be posed")
-        side = scene.size
+        else:  # a source keeps only records that feed a task (``perceive.data.spec``); the world's always do
+            raise ValueError(f"{record.key}: no task of {self.tasks} can be posed about this image")
+        side = max(record.width, record.height)
         if self.answer_format == "coordinates":  # no boxes in; every box written out in 0-999 bins
-            qa.answer = coordinate_answer(scene, qa.phrases, [[box_objects[k] for k in g] for g in qa.groups])
+            qa.answer = coordinate_answer(record, qa.phrases, [[box_objects[k] for k in g] for g in qa.groups])
             ex = self.processor.example(qa.question, 0, qa.answer)
-            return Item(ex, scene.image, np.zeros((0, 4), dtype=np.float32), [], [], scene, qa)
+            return Item(ex, image, np.zeros((0, 4), dtype=np.float32), [], [], record, qa)
         ex = self.processor.example(qa.question, len(boxes), qa.answer, qa.groups, rng)
-        attributes = [attribute_targets(scene, o, self.attributes) for o in box_objects]
-        return Item(ex, scene.image, boxes / side, box_objects, attributes, scene, qa)
+        schema = self.data.schema
+        by_id = {i.id: i for i in record.instances}
+        attributes = [schema.labels(by_id.get(o) if o is not None else None, self.attributes) for o in box_objects]
+        return Item(ex, image, boxes / side, box_objects, attributes, record, qa)
 
     def batch(self, indices: list[int], task: str | None = None) -> tuple[dict, list[Item]]:
-        """The items ``indices`` collated; with several questions on one scene, its pixels come once
+        """The items ``indices`` collated; with several questions on one image, its pixels come once
         and ``image_index`` says which row each prompt reads."""
         scene_ids = list(dict.fromkeys(self.scene_index(i) for i in indices))
-        scenes = [self.scene(s) for s in scene_ids]
-        languages = [describe(s, self.world) for s in scenes]
-        proposals: list[np.ndarray | None] = [None] * len(scenes)
-        if self.upn is not None:
-            proposals = list(propose(self.upn, [s.image for s in scenes]))
+        records = [self.record(s) for s in scene_ids]
+        images = [r.image() for r in records]
+        proposals: list[np.ndarray | None] = [None] * len(records)
+        if self.proposals is not None:
+            proposals = [self.proposals.get(r) for r in records]
+        elif self.upn is not None:
+            proposals = list(propose(self.upn, images))
         row_of = {s: r for r, s in enumerate(scene_ids)}
-        rows = [row_of[self.scene_index(i)] for i in indices]  # each item's scene, as a row of the pixels
-        items = [self.item(i, task, proposals[r], scenes[r], languages[r]) for i, r in zip(indices, rows, strict=True)]
-        pixels, _ = self.processor.images([s.image for s in scenes])
+        rows = [row_of[self.scene_index(i)] for i in indices]  # each item's image, as a row of the pixels
+        items = [self.item(i, task, proposals[r], records[r], images[r]) for i, r in zip(indices, rows, strict=True)]
+        pixels, _ = self.processor.images(images)
         batch = self.processor.collate([it.example for it in items], [it.boxes for it in items])
-        if len(scenes) < len(items):
+        if len(records) < len(items):
             batch["image_index"] = torch.tensor(rows)
         k = batch["boxes"].shape[1]
         attrs = torch.full((len(items), k, len(self.attributes)), -100, dtype=torch.long)
@@ -226,12 +261,20 @@ class WorldTasks:
         return batch, items
 
 
+class WorldTasks(TaskStream):
+    """``TaskStream`` over the world's scenes, streamed with no disk."""
+
+    def __init__(self, processor: ChatRexProcessor, world: WorldConfig, seed: int = 0, **options) -> None:
+        self.world = world
+        super().__init__(processor, WorldStream(world), seed, **options)
+
+
 def order_target(program: dict, groupings: list[list[str]]) -> int:
     """The order feature (``perceive.models.chatrex.object_order.order_features``' column, for a model counting
     by ``groupings``) that an extreme or ordinal expression asks for: "the second red circle from the left" is
-    the box with one red circle to its left. -1 for every other program, for a noun phrase no order grouping
-    counts by, and for a grouping the model does not count by."""
-    if program["form"] not in ("extreme", "ordinal"):
+    the box with one red circle to its left. -1 for every other program (and for none: an expression from a
+    file), for a noun phrase no order grouping counts by, and for a grouping the model does not count by."""
+    if program.get("form") not in ("extreme", "ordinal"):
         return -1
     np_ = program["np"]
     if set(np_) - {"kind", "noun", "color", "shirt"} or (np_["kind"] != "person" and "noun" not in np_):
@@ -258,15 +301,15 @@ def pointer_targets(items: list[Item], groups: int, boxes: int, groupings: list[
     return {"group_anchors": anchors, "group_order": order}
 
 
-def coordinate_answer(scene: Scene, phrases: list[str], groups: list[list[int | None]]) -> str:
+def coordinate_answer(record: ImageRecord, phrases: list[str], groups: list[list[int | None]]) -> str:
     """The coordinate baseline's answer (Qwen-VL style): ``phrase [x0, y0, x1, y1], [...]`` per line in
     0-999 bins of the image, ``phrase None`` for a group with no object."""
     from perceive.formats import coords
 
     lines = []
+    extent = (record.width, record.height)
     for phrase, objs in zip(phrases, groups, strict=True):
-        boxes = [coords.TextBox(phrase, coords.quantize(scene.get(o).box, (scene.size, scene.size)))
-                 for o in objs if o is not None]  # fmt: skip
+        boxes = [coords.TextBox(phrase, coords.quantize(record.instance(o).box, extent)) for o in objs if o is not None]
         lines.append(coords.render(boxes) if boxes else f"{phrase} None")
     return "\n".join(lines)
 
