@@ -28,39 +28,36 @@ VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in (*SPECIAL_TOKENS, PAD, UNK, EOS)))
 
 
-def world_vocabulary(n_scenes: int = 300) -> list[str]:
-    """Every word the world's language and the task templates use, found by generating them."""
+def words_of(texts: Iterable[str]) -> list[str]:
+    """The words of ``texts`` and of the task templates, as the word-level tokenizer splits them: its vocabulary
+    for a dataset."""
     from tokenizers import pre_tokenizers
 
     from perceive.data.templates import CHATREX_TEMPLATES
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words: set[str] = set(str(i) for i in range(0, 101))
+    for text in (*CHATREX_TEMPLATES.values(), "There are None", "yes no nothing nobody", *texts):
+        for piece in _SPECIAL_RE.split(text.lower()):
+            words.update(w for w, _ in pre.pre_tokenize_str(piece))
+    return sorted(words)
+
+
+def world_vocabulary(n_scenes: int = 300) -> list[str]:
+    """Every word the world's language and the task templates use, found by generating them."""
     from perceive.world.generator import WorldConfig, generate_scene
     from perceive.world.language import describe
     from perceive.world.scene import ITEMS, PARTS, SHAPES
 
-    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    words: set[str] = set(str(i) for i in range(0, 101))
-
-    def add(text: str) -> None:
-        for piece in _SPECIAL_RE.split(text.lower()):
-            words.update(w for w, _ in pre.pre_tokenize_str(piece))
-
-    # every fixed word of the templates and answers, and the world's names (asked about even when absent)
-    for text in (*CHATREX_TEMPLATES.values(), "There are None", "yes no nothing nobody", *SHAPES, *ITEMS, *PARTS):
-        add(text)
+    texts: list[str] = [*SHAPES, *ITEMS, *PARTS]  # the world's names, asked about even when absent
     cfg = WorldConfig(size=128, person_share=0.4, relation_depth=2)
     for seed in range(n_scenes):
         lang = describe(generate_scene(seed, cfg), cfg)
-        for e in lang.expressions:
-            add(e.text)
-        for r in lang.regions:
-            add(" ".join(x for x in (r.category, r.short_phrase, r.brief, r.referring or "") if x))
-        for c in lang.captions:
-            add(c.text)
-        for q in lang.questions:
-            add(q.question + " " + q.answer)
-        for vp in lang.visual_prompts:
-            add(vp.question + " " + vp.answer)
-    return sorted(words)
+        texts += [e.text for e in lang.expressions] + [c.text for c in lang.captions]
+        texts += [t for r in lang.regions for t in (r.category, r.short_phrase, r.brief, r.referring or "")]
+        texts += [t for q in lang.questions for t in (q.question, q.answer)]
+        texts += [t for vp in lang.visual_prompts for t in (vp.question, vp.answer)]
+    return words_of(texts)
 
 
 def build_world_tokenizer(words: Iterable[str] | None = None) -> PreTrainedTokenizerFast:

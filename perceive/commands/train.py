@@ -1,4 +1,5 @@
-"""``perceive train --config NAME --out DIR``: a model from scratch; the same command resumes a killed run."""
+"""``perceive train --config NAME --out DIR [--data SPEC]``: a model from scratch, on the synthetic world or on a
+data spec's annotation files; the same command resumes a killed run."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ from perceive.commands import CliError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from perceive.data.readers import FormatError
     from perceive.train.checkpoint import CheckpointError
     from perceive.train.trainer import RECIPES, train
 
     if args.config not in RECIPES:
         raise CliError(f"unknown config {args.config!r}; known: {', '.join(RECIPES)}")
     try:
-        out = train(args.config, args.out, progress=not args.quiet, stop_after=args.stop_after)
+        out = train(args.config, args.out, progress=not args.quiet, stop_after=args.stop_after, data=args.data,
+                    strict=args.strict)  # fmt: skip
     except CheckpointError as e:  # nothing usable to resume from: say which files, not a traceback
+        raise CliError(str(e)) from None
+    except (FormatError, FileNotFoundError) as e:  # a data spec or an annotation file that cannot be read
         raise CliError(str(e)) from None
     model = out / "model"
     if model.is_dir():
@@ -26,10 +31,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train a model from scratch on the synthetic world (resumes if interrupted)")
+    t = sub.add_parser(
+        "train", help="train a model from scratch on the world or on annotation files (resumes if killed)"
+    )
     t.add_argument("--config", default="tiny", help="training recipe: tiny (default) or smoke")
     t.add_argument("--out", required=True, help="output folder (checkpoints, logs, the final model)")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop each phase after this many steps in this run (run again to resume)")  # fmt: skip
+    t.add_argument("--data", default=None, metavar="SPEC",
+                   help="annotation files to train on: a world export folder, or a JSON/YAML spec listing sources "
+                        "(formats coco, lvis, panoptic, refcoco, humanref, jsonl, world) with weights; default: the "
+                        "synthetic world, streamed")  # fmt: skip
+    t.add_argument(
+        "--strict", action="store_true", help="stop at the first bad record of --data instead of skipping it"
+    )
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -119,12 +119,24 @@ class ImageRecord:
     # neg_category_ids); a category not listed is never taught as absent
     negative_categories: list[str] = field(default_factory=list)
     origin: object | None = None  # what the record was made from where that is more (the world's Scene), for checks
+    source: int = 0  # the position of its source in a data spec (its key is unique within the source)
 
     def instance(self, instance_id: int) -> Instance:
         for inst in self.instances:
             if inst.id == instance_id:
                 return inst
         raise KeyError(f"{self.key}: no instance {instance_id}")
+
+    def texts(self) -> list[str]:
+        """Every text a task may write about this image: names, expressions, captions, descriptions, questions
+        and answers (what a word-level tokenizer must know)."""
+        out = [i.category for i in self.instances] + list(self.negative_categories)
+        out += [e.text for e in self.expressions] + [c.text for c in self.captions]
+        out += [p.phrase for c in self.captions for p in c.phrases]
+        out += [t for r in self.regions for t in (r.category, r.short_phrase, r.brief, r.referring) if t]
+        out += [t for q in self.questions for t in (q.question, q.answer)]
+        out += [t for v in self.prompts for t in (v.question, v.answer)]
+        return out
 
     def image(self) -> np.ndarray:
         """The ``[H, W, 3]`` uint8 pixels (decoded from ``path`` when the record has none in memory)."""

@@ -1,4 +1,5 @@
-"""Detection metrics: COCO AP, LVIS AP by frequency group, and ChatRex's P@0.5 / R@0.5.
+"""Detection metrics: COCO AP, LVIS AP by frequency group, and ChatRex's P@0.5 / R@0.5 (micro-averaged, and per
+category above a score threshold as ChatRex's maintainers average them).
 
 Values are fractions in [0, 1]; ``None`` stands where a metric is undefined (for example APs on a
 set without small objects: pycocotools' -1).
@@ -125,4 +126,59 @@ def precision_recall(gt: Any, results: list[dict], iou_threshold: float = 0.5) -
         "matches": tp,
         "predictions": n_pred,
         "ground_truth": n_gt,
+    }
+
+
+def per_category_precision_recall(
+    gt: Any, results: list[dict], iou_threshold: float = 0.5, score_threshold: float = 0.3
+) -> dict:
+    """P@0.5 and R@0.5 averaged over categories, on results scoring at least ``score_threshold``: the
+    protocol ChatRex's maintainers describe for Tab. 2 (IDEA-Research/ChatRex issue 3: precision and recall at
+    IoU 0.5, computed per class, then averaged over the classes; a score threshold of 0.3 for ChatRex).
+
+    Rule (the maintainers do not say which classes enter the average nor what an undefined ratio counts;
+    this follows scikit-learn's macro average, ``precision_recall_fscore_support(average="macro",
+    zero_division=0)``): results with a score under ``score_threshold`` are dropped; per category,
+    predictions and non-crowd ground truth are matched one to one in each image as ``precision_recall``
+    does, and the matches, predictions and ground truth are summed over the images; precision_c = matches /
+    predictions and recall_c = matches / ground truth, 0 where the denominator is 0; both are averaged over
+    the categories that have ground truth or a kept prediction. Every result needs a ``score``.
+    """
+    kept = []
+    for i, r in enumerate(results):
+        if "score" not in r:
+            raise ValueError(f"result {i} has no score; the per-category protocol drops results by score")
+        if r["score"] >= score_threshold:
+            kept.append(r)
+    gt_boxes: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
+    for ann in gt.dataset["annotations"]:
+        if not ann.get("iscrowd", 0):
+            x, y, w, h = ann["bbox"]
+            gt_boxes[(ann["image_id"], ann["category_id"])].append([x, y, x + w, y + h])
+    pred_boxes: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
+    for r in kept:
+        x, y, w, h = r["bbox"]
+        pred_boxes[(r["image_id"], r["category_id"])].append([x, y, x + w, y + h])
+    counts: dict[int, dict[str, int]] = defaultdict(lambda: {"matches": 0, "predictions": 0, "ground_truth": 0})
+    for (_, category), boxes in gt_boxes.items():
+        counts[category]["ground_truth"] += len(boxes)
+    for key, boxes in pred_boxes.items():
+        counts[key[1]]["predictions"] += len(boxes)
+        if key in gt_boxes:
+            counts[key[1]]["matches"] += match_one_to_one(np.array(gt_boxes[key]), np.array(boxes), iou_threshold)
+    t = f"{iou_threshold:g}"
+    by_category = {
+        category: {
+            f"P@{t}": c["matches"] / c["predictions"] if c["predictions"] else 0.0,
+            f"R@{t}": c["matches"] / c["ground_truth"] if c["ground_truth"] else 0.0,
+            **c,
+        }
+        for category, c in sorted(counts.items())
+    }
+    return {
+        f"P@{t}": float(np.mean([c[f"P@{t}"] for c in by_category.values()])) if by_category else 0.0,
+        f"R@{t}": float(np.mean([c[f"R@{t}"] for c in by_category.values()])) if by_category else 0.0,
+        "categories": len(by_category),
+        "score_threshold": score_threshold,
+        "by_category": by_category,
     }

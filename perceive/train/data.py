@@ -27,7 +27,7 @@ import torch
 from perceive.boxes import box_iou, match_one_to_one
 from perceive.data.records import AttributeSchema, ImageRecord
 from perceive.data.sources.world import WORLD_ORDER_GROUPINGS, WorldSource, world_schema
-from perceive.data.tasks import QA, TASKS, check_refer_options, make_qa
+from perceive.data.tasks import QA, TASKS, check_refer_options, feeds, make_qa
 from perceive.models.chatrex.object_order import order_feature_index
 from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
 from perceive.world.generator import WorldConfig
@@ -219,8 +219,8 @@ class TaskStream:
             qa = make_qa(name, record, box_objects, rng, self.refer_weights, self.refer_expressions)
             if qa is not None:
                 break
-        else:  # a source keeps only records that feed a task (``perceive.data.spec``); the world's always do
-            raise ValueError(f"{record.key}: no task of {self.tasks} can be posed about this image")
+        else:  # a file's image may feed few of the tasks (a COCO image has no captions): one of those it feeds
+            qa = self._any_task(record, box_objects, rng, task)
         side = max(record.width, record.height)
         if self.answer_format == "coordinates":  # no boxes in; every box written out in 0-999 bins
             qa.answer = coordinate_answer(record, qa.phrases, [[box_objects[k] for k in g] for g in qa.groups])
@@ -231,6 +231,23 @@ class TaskStream:
         by_id = {i.id: i for i in record.instances}
         attributes = [schema.labels(by_id.get(o) if o is not None else None, self.attributes) for o in box_objects]
         return Item(ex, image, boxes / side, box_objects, attributes, record, qa)
+
+    def _any_task(self, record: ImageRecord, box_objects: list[int | None], rng: random.Random, task: str | None) -> QA:
+        """A question of the tasks ``record`` feeds, drawn by this stream's weights; when it feeds none of this
+        stream's tasks (a RefCOCO image in the alignment stage, which asks for captions), by the default
+        weights among the tasks it does feed; else a clear error."""
+        fed = set(feeds(record))
+        tasks = [(t, w) for t, w in zip(self.tasks, self.weights, strict=True) if t in fed and task in (None, t)]
+        if not tasks and task is None:
+            tasks = [(t, w) for t, w in DEFAULT_TASK_WEIGHTS.items() if t in fed]
+        while tasks:
+            name = rng.choices([t for t, _ in tasks], [w for _, w in tasks])[0]
+            qa = make_qa(name, record, box_objects, rng, self.refer_weights, self.refer_expressions)
+            if qa is not None:
+                return qa
+            tasks = [(t, w) for t, w in tasks if t != name]
+        raise ValueError(f"{record.key}: none of the tasks {[task] if task else self.tasks} can be posed about this "
+                         f"image (it feeds {sorted(fed) or 'none'})")  # fmt: skip
 
     def batch(self, indices: list[int], task: str | None = None) -> tuple[dict, list[Item]]:
         """The items ``indices`` collated; with several questions on one image, its pixels come once

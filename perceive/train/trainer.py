@@ -5,7 +5,7 @@
 2. perception: everything learns, on detection, referring, counting and region captions;
 3. joint: everything learns, on every task.
 
-Every batch is a function of the step number alone (``WorldTasks``), so a run that is killed and
+Every batch is a function of the step number alone (``perceive.train.data.TaskStream``), so a run that is killed and
 resumed from its last checkpoint (or the one before, when the last does not read back whole) sees the
 same data and reaches the same weights as one that was not. Under ``torchrun`` (or ``accelerate
 launch``) each process takes its own share of each step's batch and gradients are averaged with the
@@ -29,16 +29,25 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+from perceive.data.records import AttributeSchema, ImageRecord
 from perceive.data.tasks import check_refer_options
 from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, ChatRexConfig, named_config
 from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
 from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
-from perceive.models.image_processing import normalize_image
+from perceive.models.image_processing import normalize_image, square_pixels
 from perceive.models.upn.configuration_upn import UpnConfig
 from perceive.models.upn.modeling_upn import UpnModel
 from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, build_world_tokenizer, load_tokenizer
 from perceive.train.checkpoint import CheckpointError, atomic_folder, resume_checkpoint, save_checkpoint, set_aside
-from perceive.train.data import WORLD_ORDER_GROUPINGS, WorldTasks, world_model_options
+from perceive.train.data import (
+    WORLD_ORDER_GROUPINGS,
+    RecordStream,
+    TaskStream,
+    WorldStream,
+    model_options,
+    world_model_options,
+)
+from perceive.train.loader import BatchFeed
 from perceive.world.generator import WorldConfig, generate_scene
 
 ALIGNMENT_TASKS = {"region_category": 2.0, "region_phrase": 1.0, "caption_brief": 1.0}
@@ -69,17 +78,22 @@ class Recipe:
     stages: list[Stage] = field(default_factory=list)
     world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
     upn_proposals: bool = True
-    near_duplicates: bool = False  # also a second proposal of an object as a distractor (``WorldTasks``)
+    near_duplicates: bool = False  # also a second proposal of an object as a distractor (``TaskStream``)
     # how much likelier each kind of referring expression is drawn ("domain/sub_domain" -> weight, 1 where
     # absent; None: uniformly, ``perceive.data.tasks.refer``)
     refer_weights: dict[str, float] | None = None
     refer_expressions: int = 3  # at most this many expressions in one referring query
-    # a batch of the MLLM asks this many questions of each scene, which it encodes once (``WorldTasks``)
+    # a batch of the MLLM asks this many questions of each scene, which it encodes once (``TaskStream``)
     questions_per_scene: int = 1
     # the attribute heads the model learns, of those the world labels (None: all of them, ``WORLD_ATTRIBUTES``)
     attributes: list[str] | None = None
     # the ways of being alike that a model with order_embedding counts ranks by
     order_groupings: list[list[str]] = field(default_factory=lambda: [list(g) for g in WORLD_ORDER_GROUPINGS])
+    # how the true boxes and the proposals are mixed (``perceive.train.data``): "proposals_stand_in" or ChatRex's
+    # "chatrex" (every true box kept, proposals with IoU > 0.9 to one dropped)
+    box_mixing: str = "proposals_stand_in"
+    # processes that make the MLLM's batches of a file dataset ahead of the step (0: in the training process)
+    loader_workers: int = 1
     checkpoint_every: int = 100
     seed: int = 0
     # the MLLM's initialisation and data order when they should differ from the UPN's (None: ``seed``)
@@ -96,9 +110,12 @@ class Recipe:
                              f"got {self.questions_per_scene}")  # fmt: skip
         world_model_options(self.attributes, self.order_groupings)  # names the world does not label fail now
 
-    def model_options(self) -> dict:
-        """The configuration fields this recipe's data decides: the attribute heads and what reads them."""
-        return world_model_options(self.attributes, self.order_groupings)
+    def model_options(self, schema: AttributeSchema | None = None) -> dict:
+        """The configuration fields the training data decides (the world's, or a file dataset's ``schema``):
+        the attribute heads and what reads them."""
+        if schema is None:
+            return world_model_options(self.attributes, self.order_groupings)
+        return model_options(schema, self.attributes, self.order_groupings)
 
     @property
     def total_steps(self) -> int:
@@ -254,15 +271,35 @@ def _loop(
 
 
 def _upn_batch(
-    seed: int, step: int, b: int, ddp: Distributed, world: WorldConfig
+    seed: int, step: int, b: int, ddp: Distributed, world: WorldConfig, files: RecordStream | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """A step's scenes for UPN training: normalised pixels, true boxes and granularities (1 for parts)."""
-    seeds = [seed * 10_000_019 + step * b * ddp.world + ddp.rank * b + j for j in range(b)]
+    """A step's images for UPN training: normalised pixels, true boxes and granularities (1 for parts); the
+    world's scenes, or the records of ``files`` at the UPN's input size."""
+    indices = [step * b * ddp.world + ddp.rank * b + j for j in range(b)]
+    if files is not None:
+        return _upn_record_batch([files.record_for(seed, i) for i in indices], world.size)
+    seeds = [seed * 10_000_019 + i for i in indices]
     scenes = [generate_scene(s, world) for s in seeds]
     x = normalize_image(torch.stack([torch.from_numpy(s.image.copy()).permute(2, 0, 1).float() / 255 for s in scenes]))
     boxes = [torch.tensor([o.box for o in s.objects]) for s in scenes]
     gran = [torch.tensor([1 if o.kind == "part" else 0 for o in s.objects]) for s in scenes]
     return x, boxes, gran
+
+
+def _upn_record_batch(
+    records: list[ImageRecord], size: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``_upn_batch`` of file records: each image padded to its square and resized to ``size``, its boxes with it;
+    crowd regions are no proposals to learn."""
+    images, boxes, gran = [], [], []
+    for record in records:
+        image = record.image()
+        images.append(image)
+        kept = [i for i in record.instances if not i.iscrowd]
+        scale = size / max(image.shape[:2])
+        boxes.append(torch.tensor([i.box for i in kept], dtype=torch.float32).reshape(-1, 4) * scale)
+        gran.append(torch.tensor([1 if i.granularity == "part" else 0 for i in kept], dtype=torch.long))
+    return square_pixels(images, size), boxes, gran
 
 
 def _train_box_refinement(
@@ -274,6 +311,7 @@ def _train_box_refinement(
     progress: bool,
     log: Path,
     stop_after: int | None,
+    files: RecordStream | None = None,
 ) -> bool:
     """Train the UPN's box refinement with the first stage frozen (it only reads its features and boxes);
     True when the phase has finished."""
@@ -287,7 +325,7 @@ def _train_box_refinement(
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         for group in opt.param_groups:
             group["lr"] = recipe.upn_refine_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / total))
-        x, boxes, _ = _upn_batch(recipe.seed + 11, step, b, ddp, world)
+        x, boxes, _ = _upn_batch(recipe.seed + 11, step, b, ddp, world, files)
         with torch.no_grad():
             res = upn(x)
         loss = upn.refinement_loss(res, x, boxes)
@@ -301,9 +339,16 @@ def _train_box_refinement(
 
 
 def train_upn(
-    recipe: Recipe, out: Path, ddp: Distributed, progress: bool, log: Path, stop_after: int | None = None
+    recipe: Recipe,
+    out: Path,
+    ddp: Distributed,
+    progress: bool,
+    log: Path,
+    stop_after: int | None = None,
+    files: RecordStream | None = None,
 ) -> UpnModel | None:
-    """Train (or load the trained) UPN; None if ``stop_after`` ended the phase early."""
+    """Train (or load the trained) UPN, on the world or on the records of ``files``; None if ``stop_after``
+    ended the phase early."""
     if (out / "upn" / "model.safetensors").is_file():  # saved whole or not at all (``atomic_folder``)
         try:
             return UpnModel.from_pretrained(str(out / "upn"))
@@ -320,7 +365,7 @@ def train_upn(
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         for group in opt.param_groups:
             group["lr"] = recipe.upn_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / recipe.upn_steps))
-        x, boxes, gran = _upn_batch(recipe.seed + 7, step, b, ddp, world)
+        x, boxes, gran = _upn_batch(recipe.seed + 7, step, b, ddp, world, files)
         res = upn(x)
         losses = upn.loss(res, upn.targets(boxes, gran, res["scores"].shape[-1]))
         losses["loss"].backward()
@@ -330,7 +375,7 @@ def train_upn(
                 stop_after)  # fmt: skip
     if end < recipe.upn_steps:
         return None
-    if cfg.box_refinement and not _train_box_refinement(recipe, out, upn, world, ddp, progress, log, stop_after):
+    if cfg.box_refinement and not _train_box_refinement(recipe, out, upn, world, ddp, progress, log, stop_after, files):
         return None
     if ddp.main:
         with atomic_folder(out / "upn") as tmp:
@@ -339,57 +384,81 @@ def train_upn(
     return upn
 
 
-def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_after: int | None = None) -> Path:
-    """Train a model into ``out`` (resuming whatever is there). ``stop_after`` ends each phase (UPN,
-    MLLM) of this call after that many steps (for tests and for splitting long runs); run it again to
-    continue."""
+def train(
+    recipe: Recipe | str,
+    out: str | Path,
+    progress: bool = True,
+    stop_after: int | None = None,
+    data: str | Path | None = None,
+    strict: bool = False,
+) -> Path:
+    """Train a model into ``out`` (resuming whatever is there), on the world or on the files of the data spec
+    ``data`` (``perceive.data.spec``; ``strict``: stop at its first bad record). ``stop_after`` ends each
+    phase (UPN, MLLM) of this call after that many steps (for tests and for splitting long runs); run it
+    again to continue."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
         recipe = RECIPES[recipe]
     out = Path(out)
     dtype = autocast_dtype(recipe.precision)  # checked before the UPN's minutes, not after them
+    files = _file_data(data, strict, progress) if data is not None else None
     ddp = Distributed()
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+        (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "data": None if data is None else str(data)},
+                                                    indent=2))  # fmt: skip
     ddp.barrier()
     log = out / "train_log.jsonl"
     tok_dir = out / "tokenizer"
     if ddp.main and not (tok_dir / "tokenizer.json").is_file():
         with atomic_folder(tok_dir) as tmp:
-            build_world_tokenizer().save_pretrained(str(tmp))
+            words = None if files is None else data_vocabulary(files)
+            build_world_tokenizer(words).save_pretrained(str(tmp))
     ddp.barrier()
     tokenizer = load_tokenizer(tok_dir)
 
-    upn = train_upn(recipe, out, ddp, progress, log, stop_after)
+    upn = train_upn(recipe, out, ddp, progress, log, stop_after, files)
     if upn is None:
         return out
     seed = recipe.seed if recipe.mllm_seed is None else recipe.mllm_seed
     torch.manual_seed(seed)
-    model = build_model(recipe.model, tokenizer, **recipe.model_options())
+    model = build_model(recipe.model, tokenizer, **recipe.model_options(None if files is None else files.schema))
     processor = ChatRexProcessor(tokenizer, cast(ChatRexConfig, model.config))
-    world = WorldConfig(**recipe.world)
+    proposals = None
+    if files is not None and recipe.upn_proposals:
+        proposals = _file_proposals(files, upn, out, ddp, progress)
+    records: RecordStream = files if files is not None else WorldStream(WorldConfig(**recipe.world))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stages[0].lr, weight_decay=0.01)
     starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
-    streams = [WorldTasks(processor, world, seed=seed + 1 + i, task_weights=s.tasks,
-                          upn=upn if recipe.upn_proposals else None, near_duplicates=recipe.near_duplicates,
+    world_upn = upn if recipe.upn_proposals and files is None else None  # files read their proposals computed once
+    streams = [TaskStream(processor, records, seed=seed + 1 + i, task_weights=s.tasks, upn=world_upn,
+                          proposals=proposals, near_duplicates=recipe.near_duplicates,
                           refer_weights=recipe.refer_weights, refer_expressions=recipe.refer_expressions,
-                          questions_per_scene=recipe.questions_per_scene)
+                          questions_per_scene=recipe.questions_per_scene, box_mixing=recipe.box_mixing)
                for i, s in enumerate(recipe.stages)]  # fmt: skip
     b = recipe.batch_size
+
+    def stage_of(step: int) -> int:
+        return max(k for k, s in enumerate(starts) if s <= step)
+
+    def make_batch(step: int) -> dict:
+        indices = [step * b * ddp.world + ddp.rank * b + j for j in range(b)]
+        return streams[stage_of(step)].batch(indices)[0]
+
+    # a file dataset's batches are made ahead in worker processes; the world's need the UPN, so they are made here
+    feed = BatchFeed(make_batch, recipe.total_steps, recipe.loader_workers if files is not None else 0)
     current = {"trainable": ""}
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
-        i = max(k for k, s in enumerate(starts) if s <= step)
+        i = stage_of(step)
         stage = recipe.stages[i]
         if stage.trainable != current["trainable"]:  # freeze or unfreeze only when the stage changes
             set_trainable(model, stage.trainable)
             current["trainable"] = stage.trainable
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, starts[i], stage, recipe.warmup)
-        indices = [step * b * ddp.world + ddp.rank * b + j for j in range(b)]
-        batch, _ = streams[i].batch(indices)
+        batch = feed.get(step)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out_ = model(**batch)
         out_.loss.backward()
@@ -397,6 +466,7 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
 
     end = _loop("mllm", out, model, optimizer, recipe.total_steps, step_fn, recipe.checkpoint_every, ddp, progress,
                 log, stop_after)  # fmt: skip
+    feed.close()
     if end >= recipe.total_steps and ddp.main:
         with atomic_folder(out / "model") as tmp:
             model.save_pretrained(str(tmp))
@@ -405,6 +475,46 @@ def train(recipe: Recipe | str, out: str | Path, progress: bool = True, stop_aft
         loss_curve(log, out / "loss_curve.png")
     ddp.barrier()
     return out
+
+
+def _file_data(data: str | Path, strict: bool, progress: bool):
+    """The records of a data spec, as a stream, after printing what each source gives and skipped."""
+    from perceive.data.spec import MixedRecords, load_spec
+
+    spec = load_spec(data, strict=strict)
+    if progress:
+        print(spec.summary())
+    return MixedRecords(spec)
+
+
+def data_vocabulary(files) -> list[str]:
+    """Every word the data's texts and the task templates use (the tiny configurations' word-level tokenizer),
+    read from every record of every source once."""
+    from perceive.tokenization import words_of
+
+    texts: list[str] = []
+    for source in files.spec.sources:
+        for i in range(len(source)):
+            texts += source.record(i).texts()
+    return words_of(texts)
+
+
+def _file_proposals(files, upn: UpnModel, out: Path, ddp: Distributed, progress: bool):
+    """The UPN's proposals of every record, computed once (by the main process) and kept in ``out``."""
+    from perceive.train import proposals
+
+    def every_record():
+        for k, source in enumerate(files.spec.sources):
+            for i in range(len(source)):
+                record = source.record(i)
+                record.source = k
+                yield record
+
+    path = out / "proposals.safetensors"
+    total = sum(len(source) for source in files.spec.sources)
+    cache = proposals.build(upn, every_record(), path, total=total, progress=progress) if ddp.main else None
+    ddp.barrier()
+    return cache if cache is not None else proposals.build(upn, iter(()), path, progress=False)  # the main's file
 
 
 def _log_row(line: str) -> dict | None:

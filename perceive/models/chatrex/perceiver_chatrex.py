@@ -46,6 +46,8 @@ from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, detokenize,
 _GROUNDING = re.compile("^" + re.escape(CHATREX_TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
 # what answering reads of an image's encoding (the last two per the model's configuration)
 ANSWER_INPUTS = ("image_tokens", "object_tokens", "object_order", "object_alike")
+# ``propose``'s choices, in the order of the UPN's granularity labels (0 coarse, 1 fine), then both
+PROPOSAL_GRANULARITIES = ("coarse", "fine", "both")
 
 
 def grounding_phrases(question: str) -> list[str] | None:
@@ -124,13 +126,23 @@ class ChatRexPerceiver(Perceiver):
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def propose(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """UPN boxes (xyxy pixels of ``image``) and scores, at most ``max_objects``."""
+    def propose(self, image: np.ndarray, granularity: str = "both") -> tuple[np.ndarray, np.ndarray]:
+        """UPN boxes (xyxy pixels of ``image``) and scores, at most ``max_objects``, best first.
+
+        ``granularity`` picks among them by the UPN's granularity prompt (ChatRex's two): "coarse" (whole
+        objects), "fine" (parts, SA-1B-like) or "both". One granularity's boxes are those of "both" that the
+        UPN labels so: the same boxes after its suppression across granularities and its cap, not a
+        separate pass."""
+        if granularity not in PROPOSAL_GRANULARITIES:
+            raise ValueError(f"unknown granularity {granularity!r}; known: {', '.join(PROPOSAL_GRANULARITIES)}")
         frame = ImageFrame(image.shape[1], image.shape[0])
         size = self.upn.config.image_size
         out = self.upn.propose(square_pixels([image], size), max_proposals=self.model.config.max_objects)[0]
-        boxes = frame.to_pixels(out["boxes"].numpy() / size)
-        return boxes, out["scores"].numpy()
+        boxes, scores = frame.to_pixels(out["boxes"].numpy() / size), out["scores"].numpy()
+        if granularity == "both":
+            return boxes, scores
+        keep = out["granularity"].numpy() == PROPOSAL_GRANULARITIES.index(granularity)
+        return boxes[keep], scores[keep]
 
     def ask(self, image, question: str, boxes=None, prompts: list[VisualPrompt] | None = None, scores=None,
             **options) -> Answer:  # fmt: skip

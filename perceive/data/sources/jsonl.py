@@ -1,0 +1,171 @@
+"""Your own labelled images as a source of records (``format: "jsonl"``): a JSON Lines file, one image a line.
+
+    {"image": "photos/0001.jpg",
+     "boxes": [[x0, y0, x1, y1], ...],
+     "labels": ["dog", "person", ...],
+     "masks": [mask or null, ...],
+     "expressions": [{"text": "the dog on the left", "boxes": [0]}, ...],
+     "width": 640, "height": 480}
+
+- ``image``: the image's path, relative to the source's ``images`` folder (by default the JSONL file's folder).
+- ``boxes``: pixel boxes ``[x0, y0, x1, y1]`` of the image as a viewer shows it (EXIF orientation applied); a box
+  that overlaps the image is clipped to it, one wholly outside it or with x1 < x0 is skipped (and counted).
+- ``labels``: each box's category, a non-empty string; as many as ``boxes``. An image with no boxes (``[]`` and
+  ``[]``) is an image in which none of the file's categories is.
+- ``masks`` (optional): each box's mask, COCO RLE (``{"size": [height, width], "counts": ...}``, compressed or
+  not) or polygons (``[[x, y, x, y, ...], ...]``), or null; as many as ``boxes``.
+- ``expressions`` (optional): referring expressions, each answered by the boxes it names (indices into
+  ``boxes``); no ``boxes`` or ``[]``: the expression selects nothing in the image (a rejection).
+- ``width``, ``height`` (optional): the image's size; read from the image's header at load time when absent.
+
+Records: one per line, instance ``k`` the ``k``-th box (id ``k``). By default a file is taken to label every
+object of its categories (like COCO): a record's ``negative_categories`` are every label of the file, and a
+count question is asked per category present. With ``exhaustive: false`` in the data spec nothing is taught
+absent and nothing is counted. A skipped box's category is neither taught absent nor counted on its image, and
+an expression that names a skipped box is skipped with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from perceive.data.records import AttributeSchema, Expression, ImageRecord, Instance, RegionText
+from perceive.data.sources import (
+    PackedRows,
+    Skipped,
+    Source,
+    clip_box,
+    count_questions,
+    finite_numbers,
+    first_line,
+    image_size,
+    skip,
+    valid_mask,
+)
+from perceive.images import ImageError
+
+JSONL_EXPECTED = "a JSON Lines file of labelled images (one object a line with image, boxes and labels)"
+
+
+class JsonlSource(Source):
+    """The lines of an own-data JSONL file, one record each."""
+
+    name = "jsonl"
+    kinds: tuple[str, ...] | None = None
+
+    def __init__(
+        self, annotations: str | Path, images: str | Path | None = None, exhaustive: bool = True, strict: bool = False
+    ) -> None:
+        self.path = Path(annotations)
+        self.images = Path(images) if images is not None else self.path.parent
+        self.exhaustive = exhaustive
+        self.strict = strict
+        self.skipped = Skipped()
+        first_line(self.path, JSONL_EXPECTED, ("image", "boxes", "labels"))
+        labels: set[str] = set()
+        self._seen: set[str] = set()  # the images of the lines read
+        rows = []
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if raw.strip():
+                    row = self._read_line(raw, f"{self.path}:{lineno}")
+                    if row is not None:
+                        rows.append(row)
+                        labels.update(inst[2] for inst in row[4])
+        self.categories = sorted(labels)
+        self.schema = AttributeSchema({"category": self.categories})
+        self._rows = PackedRows(rows)
+        del self._seen
+
+    def _skip(self, reason: str, where: str) -> None:
+        skip(self.skipped, self.strict, reason, where)
+
+    def _read_line(self, raw: bytes, where: str) -> list | None:
+        """Row ``[key, file, width, height, [[box, label, mask], ...], expressions, unsure]`` of line ``where``."""
+        try:
+            line = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._skip("malformed line", f"{where}: not JSON")
+            return None
+        if not isinstance(line, dict) or not isinstance(line.get("image"), str) or not line["image"]:
+            self._skip("malformed line", f"{where}: no image")
+            return None
+        boxes, labels = line.get("boxes"), line.get("labels")
+        masks, expressions = line.get("masks"), line.get("expressions", [])
+        if not isinstance(boxes, list) or not isinstance(labels, list):
+            self._skip("malformed line", f"{where}: boxes and labels must be lists")
+            return None
+        if boxes and not labels:
+            self._skip("empty category list", where)
+            return None
+        if len(labels) != len(boxes) or (
+            masks is not None and (not isinstance(masks, list) or len(masks) != len(boxes))
+        ):
+            self._skip("malformed line", f"{where}: boxes, labels and masks must be lists of one length")
+            return None
+        if not all(isinstance(label, str) and label.strip() for label in labels):
+            self._skip("malformed line", f"{where}: a label that is not a non-empty string")
+            return None
+        if not isinstance(expressions, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("text"), str) and e["text"].strip()
+            and isinstance(e.get("boxes", []), list) for e in expressions
+        ):  # fmt: skip
+            self._skip("malformed line", f"{where}: expressions must be objects with a text and a list of boxes")
+            return None
+        if line["image"] in self._seen:
+            self._skip("duplicate image", f"{where}: {line['image']} (an image's boxes go on one line)")
+            return None
+        self._seen.add(line["image"])
+        file = self.images / line["image"]
+        if not file.is_file():
+            self._skip("missing image", f"{where}: {file}")
+            return None
+        width, height = line.get("width"), line.get("height")
+        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+            try:
+                width, height = image_size(file)
+            except ImageError:
+                self._skip("unreadable image", f"{where}: {file}")
+                return None
+        instances, kept, unsure = [], set(), []
+        for k, (value, label) in enumerate(zip(boxes, labels, strict=True)):
+            box = finite_numbers(value, 4)
+            box, why = clip_box(box, width, height) if box is not None else (None, "malformed box")
+            if box is None:
+                unsure.append(label.strip())
+                self._skip(why, f"{where}: boxes[{k}] {value!r} in a {width}x{height} image")
+                continue
+            mask = masks[k] if masks is not None else None
+            if mask is not None and not valid_mask(mask, width, height):
+                self._skip("malformed mask (box kept without it)", f"{where}: masks[{k}]")
+                mask = None
+            instances.append([k, box, label.strip(), mask])
+            kept.add(k)
+        texts = []
+        for j, e in enumerate(expressions):
+            answer = e.get("boxes", [])
+            if not all(isinstance(k, int) and 0 <= k < len(boxes) for k in answer):
+                self._skip("expression naming no box of its line", f"{where}: expressions[{j}]")
+            elif not all(k in kept for k in answer):
+                self._skip("expression naming a skipped box", f"{where}: expressions[{j}]")
+            else:
+                texts.append([e["text"].strip(), sorted(set(answer))])
+        return [line["image"], str(file), width, height, instances, texts, unsure]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def record(self, index: int) -> ImageRecord:
+        key, file, width, height, boxes, expressions, unsure = self._rows[index]
+        instances = [Instance(k, box, label, mask=mask) for k, box, label, mask in boxes]
+        record = ImageRecord(key, width, height, Path(file), instances=instances,
+                             expressions=[Expression(text, answer) for text, answer in expressions],
+                             regions=[RegionText(i.id, category=i.category) for i in instances])  # fmt: skip
+        if self.exhaustive:
+            unsure = set(unsure)
+            countable = [i for i in instances if i.category not in unsure]
+            record.questions = count_questions(dataclasses.replace(record, instances=countable))
+            record.negative_categories = [c for c in self.categories if c not in unsure]
+        return record
