@@ -104,3 +104,24 @@ def test_detection_never_asks_about_a_category_the_image_is_not_known_to_lack():
     assert qa is not None and qa.groups == [[]] and qa.phrases[0] in ("cat", "dog")
     assert feeds(record) == ["detect", "refer"] and feeds(ImageRecord("x", 1, 1)) == []
     assert make_qa("refer", record, [3, 1], random.Random(0)) is not None
+
+
+def test_chatrex_box_mixing_keeps_every_true_box_and_drops_near_copies(processor):
+    schema = AttributeSchema({"category": ["cat", "dog", "person", "horse"]})
+    cfg = processor.config.__class__(**{**processor.config.to_dict(), **model_options(schema)})
+    proc = ChatRexProcessor(processor.tokenizer, cfg)
+    record = _record()
+    near_copy = [0.5, 0.0, 20.0, 20.0]  # IoU 0.975 with instance 1's box
+    overlapping = [30.0, 5.0, 60.0, 30.0]  # IoU 0.71 with instance 2's: a proposal, not a copy
+    elsewhere = [70.0, 0.0, 99.0, 20.0]
+    proposals = np.array([near_copy, overlapping, elsewhere], dtype=np.float32)
+    for mixing, kept in (("chatrex", [overlapping, elsewhere]), ("proposals_stand_in", [elsewhere])):
+        data = TaskStream(proc, OneImage(record, schema), box_mixing=mixing)
+        boxes, ids = data.boxes_for(record, random.Random(0), proposals)
+        true = {o: b for b, o in zip(boxes.tolist(), ids, strict=True) if o is not None}
+        extra = sorted(b for b, o in zip(boxes.tolist(), ids, strict=True) if o is None)
+        assert sorted(true) == [1, 2, 3] and extra == sorted(kept), mixing
+        if mixing == "chatrex":  # the true boxes as they are
+            assert all(np.allclose(true[o], record.instance(o).box) for o in true)
+    with pytest.raises(ValueError, match="box_mixing"):
+        TaskStream(proc, OneImage(record, schema), box_mixing="mine")

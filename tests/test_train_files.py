@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import perceive
@@ -121,7 +122,7 @@ def test_a_smoke_model_trains_from_each_format_and_loads(tmp_path, fmt):
     out = train("smoke", tmp_path / "run", progress=False, data=spec)
     model = perceive.load(out / "model")
     assert json.loads((out / "recipe.json").read_text())["data"] == str(spec)
-    image = next((tmp_path / d for d in ("images", "photos", "world/images") if (tmp_path / d).is_dir())).glob("*.png")
+    image = next(tmp_path / d for d in ("images", "photos", "world/images") if (tmp_path / d).is_dir()).glob("*.png")
     phrase = ASKED[fmt]
     answer = model.ask(next(image), f"Please detect {phrase} in this image. Answer the question with object indexes.")
     assert answer.text.startswith(f"<ground>{phrase}</ground><objects>")
@@ -137,7 +138,8 @@ def test_the_command_trains_from_a_spec_and_ask_loads_it(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"sources": [source]}))
     run = subprocess.run([sys.executable, "-m", "perceive.cli", "train", "--config", "smoke", "--out",
-                          str(tmp_path / "run"), "--data", str(spec), "--quiet"], capture_output=True, text=True)  # fmt: skip
+                          str(tmp_path / "run"), "--data", str(spec), "--loader-workers", "1", "--quiet"],
+                         capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr
     ask = subprocess.run([sys.executable, "-m", "perceive.cli", "ask", "--model", str(tmp_path / "run" / "model"),
                           str(tmp_path / "photos" / "0.png"), "Please detect mug in this image. Answer the question "
@@ -149,3 +151,22 @@ def test_the_command_trains_from_a_spec_and_ask_loads_it(tmp_path):
     fails = subprocess.run([sys.executable, "-m", "perceive.cli", "train", "--config", "smoke", "--out",
                             str(tmp_path / "bad_run"), "--data", str(bad)], capture_output=True, text=True)  # fmt: skip
     assert fails.returncode == 1 and "Traceback" not in fails.stderr and "mine.jsonl" in fails.stderr
+
+
+def test_batches_made_by_a_worker_are_those_made_in_process_and_a_killed_run_resumes_to_them(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from perceive.train.trainer import RECIPES
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"sources": [_world(tmp_path)]}))
+    in_process = train(replace(RECIPES["smoke"], loader_workers=0), tmp_path / "a", progress=False, data=spec)
+    worker = replace(RECIPES["smoke"], loader_workers=1)
+    stopped = train(worker, tmp_path / "b", progress=False, data=spec, stop_after=3)  # a run killed at step 3
+    assert not (stopped / "model").is_dir()
+    resumed = train(worker, tmp_path / "b", progress=False, data=spec)
+    a = load_file(str(in_process / "model" / "model.safetensors"))
+    b = load_file(str(resumed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

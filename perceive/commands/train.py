@@ -4,6 +4,7 @@ data spec's annotation files; the same command resumes a killed run."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from perceive.commands import CliError
 
@@ -15,8 +16,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.config not in RECIPES:
         raise CliError(f"unknown config {args.config!r}; known: {', '.join(RECIPES)}")
+    recipe = RECIPES[args.config]
+    if args.loader_workers is not None:
+        if args.loader_workers < 0:
+            raise CliError(f"--loader-workers must be >= 0, got {args.loader_workers}")
+        recipe = dataclasses.replace(recipe, loader_workers=args.loader_workers)
     try:
-        out = train(args.config, args.out, progress=not args.quiet, stop_after=args.stop_after, data=args.data,
+        out = train(recipe, args.out, progress=not args.quiet, stop_after=args.stop_after, data=args.data,
                     strict=args.strict)  # fmt: skip
     except CheckpointError as e:  # nothing usable to resume from: say which files, not a traceback
         raise CliError(str(e)) from None
@@ -45,5 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--strict", action="store_true", help="stop at the first bad record of --data instead of skipping it"
     )
+    t.add_argument("--loader-workers", type=int, default=None, metavar="N",
+                   help="processes making --data batches ahead of each step (default: none on 2 cores)")  # fmt: skip
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
