@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from perceive.boxes import check_pixel_boxes
@@ -38,7 +39,7 @@ def list_inputs(source: str | Path, question: str | None, boxes: list | None = N
         if question is None:
             raise ValueError("--question is required with a folder of images")
         shared = {} if boxes is None else {"boxes": boxes}
-        names = _folder_ids(files)
+        names = folder_ids(files)
         return [{"id": names[p], "image": str(p), "question": question, **shared} for p in files]
     if not src.is_file():
         raise FileNotFoundError(f"no such folder or JSONL file: {src}")
@@ -62,7 +63,7 @@ def list_inputs(source: str | Path, question: str | None, boxes: list | None = N
     return items
 
 
-def _folder_ids(files: list[Path]) -> dict[Path, str]:
+def folder_ids(files: list[Path]) -> dict[Path, str]:
     """Each file's stem, or its name where the stem is not unique (names within a folder are)."""
     ids = {p: p.stem for p in files}
     while True:
@@ -74,19 +75,21 @@ def _folder_ids(files: list[Path]) -> dict[Path, str]:
             ids[p] = p.name
 
 
-def _record(line: bytes) -> dict | None:
-    """The result a line of results.jsonl holds, or None for a cut or otherwise broken one."""
+def result_line(line: bytes, body: str = "objects") -> dict | None:
+    """The result a line of a results.jsonl holds (an object with a string ``id`` and an ``error`` or a list
+    ``body``), or None for a cut or otherwise broken one."""
     try:
         rec = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
         return None
-    return rec if "error" in rec or isinstance(rec.get("objects"), list) else None
+    return rec if "error" in rec or isinstance(rec.get(body), list) else None
 
 
-def repair_results(results: Path) -> set[str]:
-    """The ids ``results`` records, leaving the file whole lines only (broken ones dropped, their images undone).
+def repair_results(results: Path, record: Callable[[bytes], dict | None] = result_line) -> set[str]:
+    """The ids ``results`` records, leaving the file whole lines only (broken ones dropped, their images undone);
+    ``record`` reads a line into its result, None for a broken one.
 
     A cut last line (the usual damage: a full disk, a power cut) is truncated away in place, which needs no
     free space and keeps every byte before it; broken lines further up (left by versions that appended onto a
@@ -95,7 +98,7 @@ def repair_results(results: Path) -> set[str]:
     kept: list[bytes] = []
     ids: set[str] = set()
     for line in data.split(b"\n"):
-        rec = _record(line) if line.strip() else None
+        rec = record(line) if line.strip() else None
         if rec is not None:
             kept.append(line + b"\n")
             ids.add(rec["id"])
@@ -174,7 +177,7 @@ def run(
     for lineno, line in enumerate(results.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
-        rec = _record(line)
+        rec = result_line(line)
         if rec is None:  # repaired above and appended whole since: only another writer could have broken it
             raise ValueError(f"{results}:{lineno}: not a whole result line (is another run writing to {out}?)")
         if rec["id"] not in order or rec["id"] in seen:  # an image no longer in the input, or a repeat

@@ -101,7 +101,9 @@ def read_model_type(folder: Path) -> str:
     if not folder.is_dir():
         raise FileNotFoundError(f"no such model folder: {folder}")
     if not config.is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder: config.json is missing")
+        found = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "") if found else "nothing"
+        raise FileNotFoundError(f"{folder} is not a model folder: config.json is missing (found: {shown})")
     from perceive.models.folder_checks import read_json
 
     raw = read_json(config)

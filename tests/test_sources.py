@@ -440,3 +440,27 @@ def test_world_folder_records_are_the_streams(tmp_path):
         assert got.negative_categories == list(WORLD_NEGATIVES) == want.negative_categories
         assert np.array_equal(got.image(), scene.image)  # PNG is lossless
         assert feeds(got) == feeds(want)
+
+
+def test_own_jsonl_region_texts_and_grounded_captions(tmp_path):
+    write_image(tmp_path / "a.png", 40, 30)
+    caption = "a cup and a plate on a table"
+    lines = [
+        {"image": "a.png", "boxes": [[3, 2, 9, 8], [20, 10, 30, 25], [50, 50, 60, 60]],
+         "labels": ["cup", "plate", "cup"],
+         "regions": [{"category": "mug", "short_phrase": "a red mug", "referring": "the mug on the left"}, None,
+                     {"category": "cup"}],
+         "captions": [{"text": caption, "phrases": [{"span": [0, 5], "boxes": [0]}, {"span": [10, 17], "boxes": [1]},
+                                                     {"span": [18, 20], "boxes": [2]}, {"span": [3, 99]}]}]},
+        {"image": "a.png", "boxes": [], "labels": [], "regions": "no"},
+    ]  # fmt: skip
+    source = JsonlSource(write_lines(tmp_path / "mine.jsonl", lines), exhaustive=False)
+    assert source.skipped.counts == {"box outside the image": 1, "caption phrase naming a missing or skipped box": 1,
+                                     "malformed caption phrase": 1, "malformed line": 1}  # fmt: skip
+    record = source.record(0)
+    assert [(r.object, r.category, r.short_phrase, r.brief, r.referring) for r in record.regions] == [
+        (0, "mug", "a red mug", "", "the mug on the left"), (1, "plate", "", "", "")]  # fmt: skip
+    [cap] = record.captions
+    assert (cap.kind, cap.text) == ("caption_brief", caption)
+    assert [(p.phrase, p.span, p.objects) for p in cap.phrases] == [("a cup", (0, 5), [0]), ("a plate", (10, 17), [1])]
+    assert {"caption_brief", "region_phrase", "region_sentence"} <= set(feeds(record))

@@ -123,5 +123,8 @@ def test_chatrex_box_mixing_keeps_every_true_box_and_drops_near_copies(processor
         assert sorted(true) == [1, 2, 3] and extra == sorted(kept), mixing
         if mixing == "chatrex":  # the true boxes as they are
             assert all(np.allclose(true[o], record.instance(o).box) for o in true)
+        # an image with nothing labelled (a data engine's, say): every proposal is a distractor
+        boxes, ids = data.boxes_for(ImageRecord("none.png", 100, 100), random.Random(0), proposals)
+        assert sorted(boxes.tolist()) == sorted(proposals.tolist()) and ids == [None] * 3, mixing
     with pytest.raises(ValueError, match="box_mixing"):
         TaskStream(proc, OneImage(record, schema), box_mixing="mine")

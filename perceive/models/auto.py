@@ -16,6 +16,8 @@ PERCEIVERS = {
     # the retrieval model; "perceive_retrieval" is how folders saved before it was named ChatRex say so
     "chatrex": ("perceive.models.chatrex.perceiver_chatrex", "ChatRexPerceiver"),
     "perceive_retrieval": ("perceive.models.chatrex.perceiver_chatrex", "ChatRexPerceiver"),
+    # the released RexSeek-3B folder (IDEA-Research/RexSeek), read without its own code
+    "rexseek_qwen": ("perceive.models.rexseek.perceiver_rexseek", "RexSeekPerceiver"),
 }
 
 

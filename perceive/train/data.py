@@ -181,8 +181,9 @@ class TaskStream:
                 for i, j in enumerate(matched):
                     if j is not None:
                         boxes[i] = proposals[j]
-                extra = [j for j in range(len(proposals))
-                         if j not in matched and (self.near_duplicates or float(iou[:, j].max()) < 0.5)]  # fmt: skip
+                # an image with no labelled object (an engine's, say) has every proposal as a distractor
+                extra = [j for j in range(len(proposals)) if j not in matched and (
+                    self.near_duplicates or not len(gt) or float(iou[:, j].max()) < 0.5)]  # fmt: skip
             extra = extra[: max(0, cap - len(boxes))]
             boxes = np.concatenate([boxes, proposals[extra]]) if extra else boxes
             ids = ids + [None] * len(extra)

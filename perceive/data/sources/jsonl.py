@@ -17,6 +17,12 @@
 - ``expressions`` (optional): referring expressions, each answered by the boxes it names (indices into
   ``boxes``); no ``boxes`` or ``[]``: the expression selects nothing in the image (a rejection).
 - ``width``, ``height`` (optional): the image's size; read from the image's header at load time when absent.
+- ``regions`` (optional): each box's texts at ChatRex's four granularities, ``{"category", "short_phrase",
+  "brief", "referring"}`` (any of them; ``referring`` a sentence that selects this box alone), or null; as many
+  as ``boxes``. Without it a box's region category is its label.
+- ``captions`` (optional): grounded captions of the image, ``{"text": "...", "kind": "caption_brief" or
+  "caption_detailed", "phrases": [{"span": [start, end], "boxes": [0, 2]}, ...]}`` (``span``: characters of
+  ``text``; ``boxes``: indices into ``boxes``). A phrase naming a skipped box is dropped (and counted).
 
 Records: one per line, instance ``k`` the ``k``-th box (id ``k``). By default a file is taken to label every
 object of its categories (like COCO): a record's ``negative_categories`` are every label of the file, and a
@@ -31,7 +37,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-from perceive.data.records import AttributeSchema, Expression, ImageRecord, Instance, RegionText
+from perceive.data.records import (
+    AttributeSchema,
+    Caption,
+    Expression,
+    GroundedPhrase,
+    ImageRecord,
+    Instance,
+    RegionText,
+)
 from perceive.data.sources import (
     PackedRows,
     Skipped,
@@ -47,6 +61,8 @@ from perceive.data.sources import (
 from perceive.images import ImageError
 
 JSONL_EXPECTED = "a JSON Lines file of labelled images (one object a line with image, boxes and labels)"
+REGION_TEXTS = ("category", "short_phrase", "brief", "referring")
+CAPTION_KINDS = ("caption_brief", "caption_detailed")
 
 
 class JsonlSource(Source):
@@ -114,6 +130,22 @@ class JsonlSource(Source):
         ):  # fmt: skip
             self._skip("malformed line", f"{where}: expressions must be objects with a text and a list of boxes")
             return None
+        regions = line.get("regions")
+        if regions is not None and (not isinstance(regions, list) or len(regions) != len(boxes) or not all(
+            r is None or (isinstance(r, dict) and all(isinstance(r.get(f, ""), str) for f in REGION_TEXTS))
+            for r in regions
+        )):  # fmt: skip
+            self._skip("malformed line", f"{where}: regions must be a list of text objects or null, one per box")
+            return None
+        captions = line.get("captions", [])
+        if not isinstance(captions, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("text"), str) and c["text"].strip()
+            and c.get("kind", "caption_brief") in CAPTION_KINDS and isinstance(c.get("phrases", []), list)
+            for c in captions
+        ):  # fmt: skip
+            self._skip("malformed line", f"{where}: captions must be objects with a text, a kind of "
+                                         f"{' or '.join(CAPTION_KINDS)} and a list of phrases")  # fmt: skip
+            return None
         if line["image"] in self._seen:
             self._skip("duplicate image", f"{where}: {line['image']} (an image's boxes go on one line)")
             return None
@@ -152,17 +184,41 @@ class JsonlSource(Source):
                 self._skip("expression naming a skipped box", f"{where}: expressions[{j}]")
             else:
                 texts.append([e["text"].strip(), sorted(set(answer))])
-        return [line["image"], str(file), width, height, instances, texts, unsure]
+        region_rows = [[k, *(regions[k].get(f, "").strip() for f in REGION_TEXTS)]
+                       for k in sorted(kept) if regions is not None and regions[k] is not None]  # fmt: skip
+        caption_rows = [self._caption(c, kept, f"{where}: captions[{j}]") for j, c in enumerate(captions)]
+        return [line["image"], str(file), width, height, instances, texts, unsure, region_rows, caption_rows]
+
+    def _caption(self, caption: dict, kept: set[int], where: str) -> list:
+        """Row ``[kind, text, [[start, end, boxes], ...]]``; a phrase with a bad span or box is skipped."""
+        text = caption["text"]
+        phrases = []
+        for j, p in enumerate(caption.get("phrases", [])):
+            span = p.get("span") if isinstance(p, dict) else None
+            boxes = p.get("boxes", []) if isinstance(p, dict) else None
+            if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)
+                    and 0 <= span[0] < span[1] <= len(text)) or not isinstance(boxes, list):  # fmt: skip
+                self._skip("malformed caption phrase", f"{where}.phrases[{j}]")
+            elif not all(isinstance(k, int) and k in kept for k in boxes):
+                self._skip("caption phrase naming a missing or skipped box", f"{where}.phrases[{j}]")
+            else:
+                phrases.append([span[0], span[1], sorted(set(boxes))])
+        return [caption.get("kind", "caption_brief"), text, phrases]
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def record(self, index: int) -> ImageRecord:
-        key, file, width, height, boxes, expressions, unsure = self._rows[index]
+        key, file, width, height, boxes, expressions, unsure, region_rows, caption_rows = self._rows[index]
         instances = [Instance(k, box, label, mask=mask) for k, box, label, mask in boxes]
+        texts = {row[0]: dict(zip(REGION_TEXTS, row[1:], strict=True)) for row in region_rows}
+        regions = [RegionText(i.id, **{**texts.get(i.id, {}), "category": texts.get(i.id, {}).get("category")
+                                       or i.category}) for i in instances]  # fmt: skip
+        captions = [Caption(kind, text, [GroundedPhrase(text[a:b], (a, b), ks) for a, b, ks in phrases])
+                    for kind, text, phrases in caption_rows]  # fmt: skip
         record = ImageRecord(key, width, height, Path(file), instances=instances,
                              expressions=[Expression(text, answer) for text, answer in expressions],
-                             regions=[RegionText(i.id, category=i.category) for i in instances])  # fmt: skip
+                             captions=captions, regions=regions)  # fmt: skip
         if self.exhaustive:
             unsure = set(unsure)
             countable = [i for i in instances if i.category not in unsure]
