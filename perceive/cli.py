@@ -20,11 +20,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from perceive.commands import ask, benchmark, compare, demo, engine, eval, info, parse, serve, train, world
+    from perceive.commands import ask, benchmark, compare, convert, demo, engine, eval, info, parse, serve, train, world
 
     parser = _Parser(prog="perceive", description="Perception MLLMs on CPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for command in (parse, world, eval, benchmark, compare, serve, train, ask, info, demo, engine):
+    for command in (parse, world, eval, benchmark, compare, serve, train, ask, info, demo, engine, convert):
         command.add_parser(sub)
     return parser
 
