@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from perceive.boxes import pair_iou
 from perceive.engine import EngineConfig, EngineParts
 from perceive.engine.phrases import Phrase
 from perceive.engine.run import run
-from perceive.engine.stages import DROP_RULES, iou
+from perceive.engine.stages import DROP_RULES
 from perceive.eval.benchmark import held_out_seed
 from perceive.world import checker
 from perceive.world.generator import WorldConfig, generate_scene
@@ -59,8 +60,8 @@ def describes(scene: Scene, phrase: str) -> list[int]:
 
 
 def matched_object(scene: Scene, box: list[float]) -> int | None:
-    best = max(scene.objects, key=lambda o: iou(list(o.box), box))
-    return best.id if iou(list(best.box), box) >= 0.5 else None
+    best = max(scene.objects, key=lambda o: pair_iou(list(o.box), box))
+    return best.id if pair_iou(list(best.box), box) >= 0.5 else None
 
 
 def score(results: list[dict], scenes: dict[str, Scene]) -> dict:

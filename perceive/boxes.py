@@ -117,6 +117,13 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 
 
+def pair_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two ``xyxy`` boxes given as plain numbers (no tensors: for one pair at a time); 0 for an empty union."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def match_one_to_one(iou: torch.Tensor, threshold: float = 0.5) -> list[int | None]:
     """For each row (a true object) of an ``[N, M]`` IoU matrix, the column (a proposal) it is matched
     to, or None: the best-covered objects choose first, each takes its best proposal not yet taken,

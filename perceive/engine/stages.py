@@ -17,6 +17,7 @@ no phrase, so the default drops a region whose category caption disagrees with i
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from perceive.boxes import pair_iou
 from perceive.engine.phrases import Phrase, chunk, head_noun, is_abstract, singular
 
 GRANULARITIES = {"category": "region_category", "short_phrase": "region_phrase", "brief": "region_brief",
@@ -97,14 +99,6 @@ class Rewriter(Protocol):
         ...
 
 
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 _IMAGES: OrderedDict[str, np.ndarray] = OrderedDict()  # the last images read: every stage of a batch reads them
 _IMAGES_KEPT = 64
 
@@ -130,9 +124,28 @@ class ModelParts:
     def __init__(self, model: str | None = None, threads: int | None = None) -> None:
         self.model, self.threads = model, threads
         self._perceiver: Any = None
+        self._proposals: OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def __getstate__(self) -> dict:  # sent to a worker: the path, not the weights
-        return {"model": self.model, "threads": self.threads, "_perceiver": None}
+        return {"model": self.model, "threads": self.threads, "_perceiver": None, "_proposals": OrderedDict()}
+
+    def proposals(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The model's proposals (boxes, scores) for an image, computed once: grounding, describing and
+        verifying all ask over the same ones."""
+        key = (
+            hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest() + str(image.shape).encode()
+        )
+        if key not in self._proposals:
+            self._proposals[key] = self.perceiver.propose(image)
+            while len(self._proposals) > _IMAGES_KEPT:
+                self._proposals.popitem(last=False)
+        self._proposals.move_to_end(key)
+        return self._proposals[key]
+
+    def encode(self, images: list[np.ndarray]) -> list:
+        """The images encoded for questions over their proposals (``proposals``)."""
+        found = [self.proposals(image) for image in images]
+        return self.perceiver.encode_batch(images, [boxes for boxes, _ in found], [scores for _, scores in found])
 
     @property
     def perceiver(self):
@@ -157,8 +170,8 @@ def context_boxes(proposals: np.ndarray, boxes: list[list[float]]) -> tuple[list
     context = [list(map(float, b)) for b in proposals]
     where = []
     for box in boxes:
-        best = max(range(len(context)), key=lambda k: iou(context[k], box), default=None)
-        if best is None or iou(context[best], box) < 0.95:
+        best = max(range(len(context)), key=lambda k: pair_iou(context[k], box), default=None)
+        if best is None or pair_iou(context[best], box) < 0.95:
             context.append(list(box))
             best = len(context) - 1
         where.append(best)
@@ -175,7 +188,7 @@ class ModelCaptioner:
         from perceive.data.templates import CHATREX_TEMPLATES
         from perceive.formats import chatrex
 
-        answers = self.parts.perceiver.ask_batch(images, [CHATREX_TEMPLATES[self.kind]] * len(images))
+        answers = self.parts.perceiver.answer(self.parts.encode(images), [CHATREX_TEMPLATES[self.kind]] * len(images))
         out: list[tuple[str, list[Phrase] | None]] = []
         for a in answers:
             parsed = chatrex.parse(a.text)
@@ -198,7 +211,7 @@ class ModelGrounder:
         from perceive.data.templates import CHATREX_TEMPLATES, PHRASE_SEPARATOR
 
         perceiver = self.parts.perceiver
-        encoded = perceiver.encode_batch(images)
+        encoded = self.parts.encode(images)
         asks, where = [], []
         for i, wanted in enumerate(phrases):
             for start in range(0, len(wanted), self.max_phrases):
@@ -230,7 +243,7 @@ class ModelRegionCaptioner:
         for i, (image, rs) in enumerate(zip(images, regions, strict=True)):
             if not rs:
                 continue
-            proposals, _ = perceiver.propose(image)
+            proposals, _ = self.parts.proposals(image)
             boxes, index = context_boxes(proposals, [box for box, _ in rs])
             enc = perceiver.encode_batch([image], [boxes])[0]
             for r, k in enumerate(index):
@@ -376,7 +389,7 @@ class FilterStage(Stage):
             for r in sorted(it["regions"], key=lambda r: -r["score"]):
                 if r["score"] < c.min_score:
                     r["dropped"] = "low_score"
-                elif any(iou(r["box"], k["box"]) > c.duplicate_iou for k in kept):
+                elif any(pair_iou(r["box"], k["box"]) > c.duplicate_iou for k in kept):
                     r["dropped"] = "duplicate"
                 elif c.check_category and not consistent(r.get("category", ""), r["phrase"]):
                     r["dropped"] = "inconsistent"
@@ -441,7 +454,7 @@ class VerifyStage(Stage):
         for rs, groundings in zip(asked, found, strict=True):
             for j, r in enumerate(rs):
                 boxes = [g.box for g in groundings if g.phrase == j]
-                if len(boxes) != 1 or iou(boxes[0], r["box"]) < self.config.verify_iou:
+                if len(boxes) != 1 or pair_iou(boxes[0], r["box"]) < self.config.verify_iou:
                     if self.config.verify_drops == "region":
                         r["dropped"] = "not_regrounded"
                     else:

@@ -96,15 +96,8 @@ def match_one_to_one(gt: np.ndarray, pred: np.ndarray, iou_threshold: float) -> 
     return int(valid[rows, cols].sum())
 
 
-def precision_recall(gt: Any, results: list[dict], iou_threshold: float = 0.5) -> dict:
-    """ChatRex's P@0.5 and R@0.5 for boxes without scores (ChatRex Sec. 5.1, Tab. 2).
-
-    Rule (the paper does not spell one out; this is documented here): per image and category,
-    predictions and ground truth are matched one to one at IoU >= ``iou_threshold`` with the most
-    matches possible (``match_one_to_one``); crowd ground truth is left out. Precision is matches
-    over all predictions and recall matches over all ground truth, summed over the whole set
-    (micro average). Scores, if present, are ignored. No predictions: precision is 0.
-    """
+def _boxes_by_image_and_category(gt: Any, results: list[dict]) -> tuple[dict, dict]:
+    """``xyxy`` boxes of the non-crowd ground truth and of the results, keyed by (image id, category id)."""
     gt_boxes: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
     for ann in gt.dataset["annotations"]:
         if not ann.get("iscrowd", 0):
@@ -114,6 +107,19 @@ def precision_recall(gt: Any, results: list[dict], iou_threshold: float = 0.5) -
     for r in results:
         x, y, w, h = r["bbox"]
         pred_boxes[(r["image_id"], r["category_id"])].append([x, y, x + w, y + h])
+    return gt_boxes, pred_boxes
+
+
+def precision_recall(gt: Any, results: list[dict], iou_threshold: float = 0.5) -> dict:
+    """ChatRex's P@0.5 and R@0.5 for boxes without scores (ChatRex Sec. 5.1, Tab. 2).
+
+    Rule (the paper does not spell one out; this is documented here): per image and category,
+    predictions and ground truth are matched one to one at IoU >= ``iou_threshold`` with the most
+    matches possible (``match_one_to_one``); crowd ground truth is left out. Precision is matches
+    over all predictions and recall matches over all ground truth, summed over the whole set
+    (micro average). Scores, if present, are ignored. No predictions: precision is 0.
+    """
+    gt_boxes, pred_boxes = _boxes_by_image_and_category(gt, results)
     tp = 0
     for key in set(gt_boxes) & set(pred_boxes):
         tp += match_one_to_one(np.array(gt_boxes[key]), np.array(pred_boxes[key]), iou_threshold)
@@ -150,15 +156,7 @@ def per_category_precision_recall(
             raise ValueError(f"result {i} has no score; the per-category protocol drops results by score")
         if r["score"] >= score_threshold:
             kept.append(r)
-    gt_boxes: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
-    for ann in gt.dataset["annotations"]:
-        if not ann.get("iscrowd", 0):
-            x, y, w, h = ann["bbox"]
-            gt_boxes[(ann["image_id"], ann["category_id"])].append([x, y, x + w, y + h])
-    pred_boxes: dict[tuple[int, int], list[list[float]]] = defaultdict(list)
-    for r in kept:
-        x, y, w, h = r["bbox"]
-        pred_boxes[(r["image_id"], r["category_id"])].append([x, y, x + w, y + h])
+    gt_boxes, pred_boxes = _boxes_by_image_and_category(gt, kept)
     counts: dict[int, dict[str, int]] = defaultdict(lambda: {"matches": 0, "predictions": 0, "ground_truth": 0})
     for (_, category), boxes in gt_boxes.items():
         counts[category]["ground_truth"] += len(boxes)

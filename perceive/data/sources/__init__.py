@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,40 @@ def skip(skipped: Skipped, strict: bool, reason: str, where: str) -> None:
 
         raise FormatError(f"{where}: {reason}")
     skipped.add(reason, where)
+
+
+def coco_categories(
+    categories: list, where: str, skip_entry: Callable[[str, str], None]
+) -> dict[int, tuple[str, dict]]:
+    """Category id -> (name, entry) of a COCO ``categories`` list (``where``: the file); an empty list, and each
+    entry without an int id and a non-empty name or with an id seen before, is left out through ``skip_entry``."""
+    out: dict[int, tuple[str, dict]] = {}
+    if not categories:
+        skip_entry("empty category list", f"{where}: categories")
+    for k, c in enumerate(categories):
+        cid = c.get("id") if isinstance(c, dict) else None
+        name = c.get("name") if isinstance(c, dict) else None
+        if not isinstance(cid, int) or not isinstance(name, str) or not name.strip() or cid in out:
+            skip_entry("malformed category", f"{where}: categories[{k}]")
+            continue
+        out[cid] = (name.strip(), c)
+    return out
+
+
+def json_lines(path: Path, skip_line: Callable[[str, str], None]) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for each non-blank line of a JSON Lines file (``where``: "FILE:LINE"); a line that is
+    not JSON is left out through ``skip_line(reason, where)``."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                value = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                skip_line("malformed line", f"{where}: not JSON")
+                continue
+            yield where, value
 
 
 class PackedRows:

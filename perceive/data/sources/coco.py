@@ -35,6 +35,7 @@ from perceive.data.sources import (
     Skipped,
     Source,
     clip_box,
+    coco_categories,
     count_questions,
     finite_numbers,
     image_size,
@@ -122,17 +123,8 @@ class CocoSource(Source):
     # -- reading -------------------------------------------------------------------------------------------
 
     def _read_categories(self, categories: list) -> dict[int, str]:
-        names: dict[int, str] = {}
-        if not categories:
-            self._skip("empty category list", f"{self.path}: categories")
-        for k, c in enumerate(categories):
-            cid = c.get("id") if isinstance(c, dict) else None
-            name = c.get("name") if isinstance(c, dict) else None
-            if not isinstance(cid, int) or not isinstance(name, str) or not name.strip() or cid in names:
-                self._skip("malformed category", f"{self.path}: categories[{k}]")
-                continue
-            names[cid] = self._category_name(name.strip())
-        return names
+        found = coco_categories(categories, str(self.path), self._skip)
+        return {cid: self._category_name(name) for cid, (name, _) in found.items()}
 
     def _read_images(self, images: list, names: dict[int, str]) -> dict[Any, list]:
         """Image id -> its row ``[id, file, width, height, annotations, extra]`` for the images found on disk."""

@@ -15,9 +15,10 @@ at load time (once per image; an unreadable image is skipped and counted then).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
+from perceive.boxes import pair_iou
 from perceive.data.records import AttributeSchema, Expression, ImageRecord, Instance
 from perceive.data.sources import (
     PackedRows,
@@ -27,6 +28,7 @@ from perceive.data.sources import (
     finite_numbers,
     first_line,
     image_size,
+    json_lines,
     skip,
     valid_mask,
 )
@@ -35,12 +37,6 @@ from perceive.images import ImageError
 HUMANREF_EXPECTED = ("HumanRef JSONL (one object a line with image_name, referring, candidate_boxes, answer_boxes "
                      "and domain)")  # fmt: skip
 SAME_BOX_IOU = 0.99  # an answer box this close to a candidate is that candidate
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 class HumanRefSource(Source):
@@ -57,12 +53,10 @@ class HumanRefSource(Source):
         first_line(self.path, HUMANREF_EXPECTED, ("referring", "candidate_boxes", "answer_boxes"))
         self._by_image: dict[str, list | None] = {}  # image name -> row, None for an image skipped
         kinds: dict[str, None] = {}
-        with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if raw.strip():
-                    kind = self._read_line(raw, f"{self.path}:{lineno}")
-                    if kind is not None:
-                        kinds.setdefault(kind)
+        for where, line in json_lines(self.path, self._skip):
+            kind = self._read_line(line, where)
+            if kind is not None:
+                kinds.setdefault(kind)
         self.kinds: tuple[str, ...] | None = tuple(kinds)  # "domain/sub_domain" of the expressions read
         self._rows = PackedRows(row for row in self._by_image.values() if row is not None and row[5])
         del self._by_image
@@ -92,13 +86,8 @@ class HumanRefSource(Source):
         self._by_image[name] = row
         return row
 
-    def _read_line(self, raw: bytes, where: str) -> str | None:
-        """Line ``where`` into its image's row; its expression's kind, None when skipped."""
-        try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self._skip("malformed line", f"{where}: not JSON")
-            return None
+    def _read_line(self, line: Any, where: str) -> str | None:
+        """Line ``where`` (its JSON value) into its image's row; its expression's kind, None when skipped."""
         fields = {"image_name": str, "referring": str, "candidate_boxes": list, "answer_boxes": list, "domain": str}
         wrong = [k for k, t in fields.items() if not isinstance(line, dict) or not isinstance(line.get(k), t)]
         if wrong or not line["referring"].strip() or not isinstance(line.get("sub_domain", ""), str):
@@ -124,7 +113,7 @@ class HumanRefSource(Source):
         for box in originals[len(candidates) :]:
             match = next((k for k, c in enumerate(candidates) if c == box), None)
             if match is None:
-                match = next((k for k, c in enumerate(candidates) if _iou(c, box) > SAME_BOX_IOU), None)  # type: ignore[arg-type]
+                match = next((k for k, c in enumerate(candidates) if pair_iou(c, box) > SAME_BOX_IOU), None)  # type: ignore[arg-type]
             if match is None:
                 self._skip("answer not among its candidates", f"{where}: answer {box}")
                 return None

@@ -34,8 +34,8 @@ an expression that names a skipped box is skipped with it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
+from typing import Any
 
 from perceive.data.records import (
     AttributeSchema,
@@ -55,6 +55,7 @@ from perceive.data.sources import (
     finite_numbers,
     first_line,
     image_size,
+    json_lines,
     skip,
     valid_mask,
 )
@@ -83,13 +84,11 @@ class JsonlSource(Source):
         labels: set[str] = set()
         self._seen: set[str] = set()  # the images of the lines read
         rows = []
-        with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if raw.strip():
-                    row = self._read_line(raw, f"{self.path}:{lineno}")
-                    if row is not None:
-                        rows.append(row)
-                        labels.update(inst[2] for inst in row[4])
+        for where, line in json_lines(self.path, self._skip):
+            row = self._read_line(line, where)
+            if row is not None:
+                rows.append(row)
+                labels.update(inst[2] for inst in row[4])
         self.categories = sorted(labels)
         self.schema = AttributeSchema({"category": self.categories})
         self._rows = PackedRows(rows)
@@ -98,13 +97,9 @@ class JsonlSource(Source):
     def _skip(self, reason: str, where: str) -> None:
         skip(self.skipped, self.strict, reason, where)
 
-    def _read_line(self, raw: bytes, where: str) -> list | None:
-        """Row ``[key, file, width, height, [[box, label, mask], ...], expressions, unsure]`` of line ``where``."""
-        try:
-            line = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self._skip("malformed line", f"{where}: not JSON")
-            return None
+    def _read_line(self, line: Any, where: str) -> list | None:
+        """Row ``[key, file, width, height, [[box, label, mask], ...], expressions, unsure, regions, captions]`` of
+        line ``where`` (its JSON value)."""
         if not isinstance(line, dict) or not isinstance(line.get("image"), str) or not line["image"]:
             self._skip("malformed line", f"{where}: no image")
             return None

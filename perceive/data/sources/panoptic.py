@@ -29,6 +29,7 @@ from perceive.data.sources import (
     Skipped,
     Source,
     clip_box,
+    coco_categories,
     count_questions,
     finite_numbers,
     load_json_file,
@@ -70,17 +71,8 @@ class PanopticSource(Source):
         skip(self.skipped, self.strict, reason, where)
 
     def _read_categories(self, categories: list) -> dict[int, tuple[str, bool]]:
-        out: dict[int, tuple[str, bool]] = {}
-        if not categories:
-            self._skip("empty category list", f"{self.path}: categories")
-        for k, c in enumerate(categories):
-            cid = c.get("id") if isinstance(c, dict) else None
-            name = c.get("name") if isinstance(c, dict) else None
-            if not isinstance(cid, int) or not isinstance(name, str) or not name.strip() or cid in out:
-                self._skip("malformed category", f"{self.path}: categories[{k}]")
-                continue
-            out[cid] = (name.strip(), bool(c.get("isthing", 1)))
-        return out
+        found = coco_categories(categories, str(self.path), self._skip)
+        return {cid: (name, bool(entry.get("isthing", 1))) for cid, (name, entry) in found.items()}
 
     def _read_images(self, images: list) -> dict:
         """Image id -> ``(file, width, height)``, or None for an image skipped (missing, malformed)."""

@@ -18,7 +18,6 @@ Pixels come from ``images/`` (lossless PNG: the scene's own).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from perceive.data.records import (
     RegionText,
     VisualPromptRecord,
 )
-from perceive.data.sources import PackedRows, first_line
+from perceive.data.sources import PackedRows, first_line, json_lines
 from perceive.data.sources.coco import CocoSource
 from perceive.data.sources.world import WORLD_KINDS, WORLD_NEGATIVES, world_schema
 
@@ -103,18 +102,11 @@ class WorldFolderSource(CocoSource):
     def _lines(self, path: Path, expected: str, fields: tuple[str, ...]):
         """``(where, object)`` for each line of ``path`` that is a JSON object; the others skipped and counted."""
         first_line(path, expected, fields)
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    line = None
-                if not isinstance(line, dict):
-                    self._skip("malformed line", f"{path}:{lineno}")
-                    continue
-                yield f"{path}:{lineno}", line
+        for where, line in json_lines(path, self._skip):
+            if isinstance(line, dict):
+                yield where, line
+            else:
+                self._skip("malformed line", where)
 
     def _known(self, index: int, ids: object) -> bool:
         return isinstance(ids, list) and all(isinstance(i, int) and i in self._ann_ids[index] for i in ids)
