@@ -462,3 +462,16 @@ def check_pixel_boxes(boxes, where: str = "boxes") -> np.ndarray:
     if not np.isfinite(b).all() or (b[:, 2] < b[:, 0]).any() or (b[:, 3] < b[:, 1]).any():
         raise ValueError(f"{where} must be finite [x0, y0, x1, y1] with x1 >= x0 and y1 >= y0")
     return b
+
+
+def coco_mask_to_array(mask: dict | list, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (RLE, compressed or not, or polygons) as a bool ``[height, width]`` mask."""
+    if isinstance(mask, dict):
+        out = rle_to_mask(mask)
+        if out.shape != (height, width):
+            raise ValueError(f"the mask is {out.shape[1]} x {out.shape[0]}, the image {width} x {height}")
+        return out
+    from pycocotools import mask as coco_mask
+
+    polygons = [[float(v) for v in ring] for ring in mask]
+    return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))).astype(bool)

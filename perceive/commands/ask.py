@@ -65,7 +65,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     except (ImageError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     if args.out:
-        answer.draw(image, show_proposals=args.show_proposals).save(args.out)
+        # a word list to MVP-LM draws its panoptic segmentation; every other answer its objects
+        picture = getattr(perceiver, "panoptic_picture_for", lambda *_: None)(image, question)
+        (picture or answer.draw(image, show_proposals=args.show_proposals)).save(args.out)
     if args.json:
         json.dump(answer.to_json(), sys.stdout)
         print()

@@ -12,23 +12,9 @@ from perceive.commands import CliError
 
 if TYPE_CHECKING:
     from perceive.eval.report import Report
-    from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
 
 WORLD_SCENES = 100  # --n's default for the world suite; a data spec is measured whole by default
 DEFAULT_SCORE_THRESHOLD = 0.3  # perceive.eval.file_benchmark.SCORE_THRESHOLD, not imported: --help stays light
-
-
-def _load_retrieval_model(path: str | None, what: str) -> ChatRexPerceiver:
-    from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
-    from perceive.perceiver import load
-
-    try:
-        perceiver = load(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise CliError(str(e)) from None
-    if not isinstance(perceiver, ChatRexPerceiver):
-        raise CliError(f"{what} measures retrieval (ChatRex) models; {path} holds a {perceiver.model_type} model")
-    return perceiver
 
 
 def _load_data(args: argparse.Namespace) -> Any:
@@ -58,7 +44,19 @@ def _data_benchmark(args: argparse.Namespace) -> Report:
     if not 0.0 <= threshold <= 1.0:
         raise CliError(f"--score-threshold: a score in [0, 1], got {threshold}")
     spec = _load_data(args)
-    perceiver = _load_retrieval_model(args.model, "the file benchmark")
+    perceiver = _load_any_model(args.model)
+    from perceive.models.mvp.perceiver_mvp import MvpPerceiver
+
+    if isinstance(perceiver, MvpPerceiver):
+        from perceive.eval import mvp_benchmark
+
+        records = [source.record(i) for source in spec.sources for i in range(min(len(source), args.n or len(source)))]
+        return mvp_benchmark.run(perceiver, records, progress=not args.quiet, name="data")
+    from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
+
+    if not isinstance(perceiver, ChatRexPerceiver):
+        raise CliError(f"the file benchmark measures ChatRex and MVP-LM models; {args.model} holds a "
+                       f"{perceiver.model_type} model")  # fmt: skip
     return file_benchmark.run(perceiver, spec.sources, n=args.n, granularity=args.granularity or "both",
                               score_threshold=threshold, progress=not args.quiet)  # fmt: skip
 
@@ -78,8 +76,33 @@ def _world_benchmark(args: argparse.Namespace) -> Report:
         benchmark.held_out_seed(split, n)
     except ValueError as e:
         raise CliError(f"--n: {e}") from None
-    perceiver = _load_retrieval_model(args.model, "the world suite")
+    perceiver = _load_any_model(args.model)
+    from perceive.models.mvp.perceiver_mvp import MvpPerceiver
+
+    if isinstance(perceiver, MvpPerceiver):
+        from perceive.data.sources.world import WorldSource
+        from perceive.eval import mvp_benchmark
+        from perceive.world.generator import WorldConfig
+
+        source = WorldSource(WorldConfig(size=256, person_share=0.35, relation_depth=2), masks=True)
+        first = benchmark.held_out_seed(split, n)
+        records = [source.record(first + i) for i in range(n)]
+        return mvp_benchmark.run(perceiver, records, progress=not args.quiet, name=f"world {split}")
+    from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
+
+    if not isinstance(perceiver, ChatRexPerceiver):
+        raise CliError(f"the world suite measures ChatRex and MVP-LM models; {args.model} holds a "
+                       f"{perceiver.model_type} model")  # fmt: skip
     return benchmark.run(perceiver, n=n, progress=not args.quiet, split=split)
+
+
+def _load_any_model(path: str | None) -> Any:
+    from perceive.perceiver import load
+
+    try:
+        return load(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:

@@ -18,10 +18,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, named_config
     from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
+    from perceive.models.mvp.configuration_mvp import NAMED_CONFIGS as MVP_CONFIGS
     from perceive.models.upn.modeling_upn import UpnModel
 
+    if args.config in MVP_CONFIGS:
+        return _mvp_info(args)
     if args.config not in NAMED_CONFIGS:
-        raise CliError(f"unknown config {args.config!r}; known: {', '.join(NAMED_CONFIGS)}")
+        raise CliError(f"unknown config {args.config!r}; known: {', '.join([*NAMED_CONFIGS, *MVP_CONFIGS])}")
     cfg = named_config(args.config, attribute_heads=EXAMPLE_ATTRIBUTE_HEADS)
     if not cfg.obj_token_ids:  # a real tokenizer's ids; only their count matters here
         vocab = cfg.text().vocab_size
@@ -47,6 +50,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, n in rows:
         print(f"  {k:32s} {n / 1e6:10.2f} M")
     print(f"  {'total':32s} {total / 1e6:10.2f} M")
+    return 0
+
+
+def _mvp_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from perceive.models.mvp.configuration_mvp import named_config
+    from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration
+
+    cfg = named_config(args.config)
+    with torch.device("meta"):
+        model = MvpForConditionalGeneration(cfg)
+    parts = {"vision (CLIP ViT)": model.vision.vit, "vision (ConvNeXt)": model.vision.convnext,
+             "language model": model.language_model}  # fmt: skip
+    rows = [(k, sum(p.numel() for p in m.parameters())) for k, m in parts.items()]
+    rows.append(("projector, pixel decoder and query decoder",
+                 sum(p.numel() for n, p in model.named_parameters()
+                     if not n.startswith(("vision.", "language_model.")))))  # fmt: skip
+    total = sum(n for _, n in rows)
+    if args.json:
+        json.dump({"config": args.config, **{k: n for k, n in rows}, "total": total}, sys.stdout)
+        print()
+        return 0
+    print(f"config {args.config} ({cfg.model_type}): images {cfg.low_resolution}px (ViT) / {cfg.high_resolution}px "
+          f"(ConvNeXt), {cfg.thing_queries} thing and {cfg.stuff_queries} stuff queries, {cfg.decoder_layers} decoder "
+          f"layers")  # fmt: skip
+    for k, n in rows:
+        print(f"  {k:44s} {n / 1e6:10.2f} M")
+    print(f"  {'total':44s} {total / 1e6:10.2f} M")
     return 0
 
 

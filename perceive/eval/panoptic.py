@@ -128,3 +128,11 @@ def mean_iou(confusion: np.ndarray) -> dict:
         "pixel_accuracy": float(acc),
         "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
     }
+
+
+def mean_iou_with_unlabelled(confusion: np.ndarray) -> float:
+    """mIoU of an ``[n + 1, n + 1]`` confusion whose last class is "unlabelled" (pixels a segmentation leaves out,
+    never a true class): those pixels are misses of their true class, and the last class is not averaged."""
+    per_class = mean_iou(confusion)["per_class_iou"][:-1]
+    known = [v for v in per_class if v is not None]
+    return float(np.mean(known)) if known else 0.0

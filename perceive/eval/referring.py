@@ -220,6 +220,16 @@ def humanref(samples: Sequence, predictions: dict[str, list[list[float]]]) -> Hu
 # ---------------------------------------------------------------------------------------------
 
 
+def target_accuracies(n_targets: Sequence[int], n_predicted: Sequence[int]) -> dict[str, float | None]:
+    """gRefCOCO's (Liu et al. 2023) N-acc: of the expressions with no target, the share answered with nothing; T-acc:
+    of those with targets, the share not answered with nothing. None where there is no such expression."""
+    if len(n_targets) != len(n_predicted):
+        raise ValueError(f"{len(n_targets)} expressions but {len(n_predicted)} answers")
+    none = [p == 0 for t, p in zip(n_targets, n_predicted, strict=True) if t == 0]
+    some = [p > 0 for t, p in zip(n_targets, n_predicted, strict=True) if t > 0]
+    return {"N-acc": sum(none) / len(none) if none else None, "T-acc": sum(some) / len(some) if some else None}
+
+
 def segmentation_iou(gt_masks: Sequence[np.ndarray], pred_masks: Sequence[np.ndarray]) -> dict[str, float]:
     """Referring segmentation: cIoU = cumulative intersection / cumulative union over the set; gIoU =
     mean of per-sample IoU, where a sample whose target and prediction are both empty counts 1 (the

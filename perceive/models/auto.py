@@ -18,6 +18,8 @@ PERCEIVERS = {
     "perceive_retrieval": ("perceive.models.chatrex.perceiver_chatrex", "ChatRexPerceiver"),
     # the released RexSeek-3B folder (IDEA-Research/RexSeek), read without its own code
     "rexseek_qwen": ("perceive.models.rexseek.perceiver_rexseek", "RexSeekPerceiver"),
+    # MVP-LM: a <PER> token drives a box-and-mask query decoder
+    "mvp": ("perceive.models.mvp.perceiver_mvp", "MvpPerceiver"),
 }
 
 

@@ -53,8 +53,8 @@ class RecordStream(Protocol):
 class WorldStream:
     """The world as a stream: image ``index`` of seed ``seed`` is scene ``seed * 1_000_003 + index``."""
 
-    def __init__(self, config: WorldConfig) -> None:
-        self.source = WorldSource(config)
+    def __init__(self, config: WorldConfig, masks: bool = False) -> None:
+        self.source = WorldSource(config, masks=masks)
         self.schema = self.source.schema
         self.kinds: tuple[str, ...] | None = self.source.kinds
 

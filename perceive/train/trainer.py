@@ -566,7 +566,7 @@ def _trim_log(log: Path, phase: str, step: int) -> None:
     os.replace(tmp, log)
 
 
-def loss_curve(log: Path, path: Path) -> None:
+def loss_curve(log: Path, path: Path, phases: tuple[str, ...] = ("upn", "mllm")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -577,8 +577,8 @@ def loss_curve(log: Path, path: Path) -> None:
     for r in rows:
         if r["phase"] == "upn_refine":  # the UPN's panel, after its first stage
             r.update(phase="upn", step=first_stage + r["step"], box_refinement=r.pop("loss"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, phase in zip(axes, ("upn", "mllm"), strict=True):
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
+    for ax, phase in zip(axes[0], phases, strict=True):
         pts = sorted((r for r in rows if r["phase"] == phase), key=lambda r: r["step"])
         for key in sorted({k for r in pts for k in r} - {"phase", "step", "steps_per_s"}):
             xs = [r["step"] for r in pts if key in r]

@@ -8,6 +8,9 @@ person) that a scene lacks.
 
 from __future__ import annotations
 
+import numpy as np
+
+from perceive.boxes import mask_to_rle
 from perceive.data.records import (
     AttributeSchema,
     Caption,
@@ -19,6 +22,7 @@ from perceive.data.records import (
     RegionText,
     VisualPromptRecord,
 )
+from perceive.world.export import STUFF_SEGMENT_BASE
 from perceive.world.generator import WorldConfig, generate_scene
 from perceive.world.language import EXPRESSION_KINDS, SceneLanguage, describe, evaluate
 from perceive.world.scene import COLORS, ITEMS, PATTERNS, SHAPES, SIZES, Scene, category_table
@@ -50,14 +54,32 @@ def _attributes(scene: Scene, obj_id: int) -> dict[str, str]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def scene_record(scene: Scene, lang: SceneLanguage, key: str | None = None) -> ImageRecord:
-    """A world scene and its language as a record; its instances in the scene's order, ids the scene's."""
+def stuff_instances(scene: Scene) -> list[Instance]:
+    """The scene's visible stuff as the panoptic reader keeps it: crowd regions marked ``stuff``, with masks."""
+    out = []
+    for k, name in enumerate(scene.stuff_names):
+        m = scene.stuff_mask(name)
+        if m.any():
+            ys, xs = np.nonzero(m)
+            box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+            out.append(Instance(STUFF_SEGMENT_BASE + k, box, name, mask=mask_to_rle(m), iscrowd=True,
+                                attributes={"stuff": "yes"}))  # fmt: skip
+    return out
+
+
+def scene_record(scene: Scene, lang: SceneLanguage, key: str | None = None, masks: bool = False) -> ImageRecord:
+    """A world scene and its language as a record; its instances in the scene's order, ids the scene's. With
+    ``masks``, every instance carries its visible mask (COCO RLE) and the visible stuff follows as crowd regions
+    marked ``stuff`` (``stuff_instances``)."""
     instances = [
         Instance(o.id, [float(v) for v in o.box], o.category, "part" if o.kind == "part" else "instance",
+                 mask=mask_to_rle(scene.mask(o.id)) if masks else None,
                  keypoints=[list(k) for k in o.keypoints] if o.kind == "person" else None,
                  attributes=_attributes(scene, o.id), parent=o.parent)
         for o in scene.objects
     ]  # fmt: skip
+    if masks:
+        instances += stuff_instances(scene)
     expressions = [
         Expression(e.text, list(e.answer), e.domain, e.sub_domain,
                    anchor=evaluate(scene, e.program["anchor"]) if "anchor" in e.program else None, program=e.program)
@@ -80,11 +102,12 @@ class WorldSource:
 
     name = "world"
 
-    def __init__(self, config: WorldConfig) -> None:
+    def __init__(self, config: WorldConfig, masks: bool = False) -> None:
         self.config = config
+        self.masks = masks
         self.schema = world_schema()
         self.kinds = WORLD_KINDS
 
     def record(self, seed: int) -> ImageRecord:
         scene = generate_scene(seed, self.config)
-        return scene_record(scene, describe(scene, self.config))
+        return scene_record(scene, describe(scene, self.config), masks=self.masks)

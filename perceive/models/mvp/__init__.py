@@ -1,0 +1,1 @@
+"""MVP-LM: a ``<PER>`` token drives one box-and-mask query decoder (mvp-lm.txt)."""

@@ -1,0 +1,197 @@
+"""Training MVP-LM from scratch (``perceive train --config mvp-tiny``): one stage in which everything learns, on the
+world streamed with masks or on a data spec's files, from MVP-LM's four tasks (``perceive.data.tasks_mvp``).
+
+Every batch is a function of the step number alone, so a run killed and resumed from its last checkpoint reaches
+the same weights (``perceive.train.trainer``'s loop and checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+
+from perceive.boxes import convert
+from perceive.data.records import ImageRecord
+from perceive.data.tasks_mvp import MVP_TASKS, MvpItem, mvp_item
+from perceive.formats.mvp import PER, RESULT_LEAD, SENTENCE_TASK, WORD_TASK
+from perceive.models.image_processing import ImageFrame
+from perceive.models.mvp.configuration_mvp import NAMED_CONFIGS, MvpConfig, named_config
+from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration
+from perceive.models.mvp.processing_mvp import MvpProcessor, target_masks
+from perceive.tokenization import IMAGE, build_world_tokenizer, load_tokenizer, words_of
+from perceive.train.checkpoint import atomic_folder
+from perceive.train.data import RecordStream, WorldStream
+from perceive.world.generator import WorldConfig
+
+TASK_WEIGHTS = {"panoptic": 3.0, "detect": 2.0, "ground": 1.0, "refer": 4.0}
+TEMPLATE_TEXTS = (WORD_TASK, SENTENCE_TASK, f". {RESULT_LEAD}", ", ")
+
+
+@dataclass
+class MvpRecipe:
+    model: str = "mvp-tiny"
+    steps: int = 1600
+    batch_size: int = 8
+    lr: float = 8e-4
+    warmup: int = 100
+    tasks: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
+    world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
+    checkpoint_every: int = 100
+    vocabulary_scenes: int = 300  # world scenes whose words the tokenizer is built over (training on the world)
+    seed: int = 0
+    # "bf16" (autocast; weights and optimizer stay float32) or "fp32"; a CPU without bf16 falls back to fp32
+    precision: str = "bf16"
+    overrides: dict = field(default_factory=dict)  # configuration fields changed from the named size
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(MVP_TASKS))
+        if unknown or not any(w > 0 for w in self.tasks.values()):
+            raise ValueError(f"tasks must weigh some of {MVP_TASKS}, got {self.tasks}")
+
+
+MVP_RECIPES = {
+    "mvp-tiny": MvpRecipe(),
+    "mvp-smoke": MvpRecipe(steps=4, batch_size=2, checkpoint_every=2, warmup=1, precision="fp32", vocabulary_scenes=20,
+                           world={"size": 128, "person_share": 0.35, "max_objects": 4},
+                           overrides={"high_resolution": 128, "decoder_layers": 2, "thing_queries": 8,
+                                      "stuff_queries": 4}),
+}  # fmt: skip
+
+
+class MvpBatches:
+    """The training batches: sample ``index`` is a record of ``records`` and a task drawn by the recipe's weights
+    (another task where the record cannot pose it)."""
+
+    def __init__(self, processor: MvpProcessor, records: RecordStream, seed: int, tasks: dict[str, float]) -> None:
+        self.processor = processor
+        self.records = records
+        self.seed = seed
+        self.names = [t for t, w in tasks.items() if w > 0]
+        self.weights = [tasks[t] for t in self.names]
+
+    def item(self, index: int) -> tuple[ImageRecord, MvpItem]:
+        for attempt in range(20):
+            record = self.records.record_for(self.seed, index + attempt * 7_919_993)
+            rng = random.Random(self.seed * 1_000_003 + index * 31 + attempt)
+            first = rng.choices(self.names, self.weights)[0]
+            for task in [first, *[t for t in self.names if t != first]]:
+                item = mvp_item(record, task, rng)
+                if item is not None:
+                    return record, item
+        raise ValueError(f"20 records from sample {index} on pose none of the tasks {self.names}: does the data "
+                         f"have masks, expressions or grounded captions?")  # fmt: skip
+
+    def batch(self, indices: list[int]) -> dict:
+        pairs = [self.item(i) for i in indices]
+        return make_batch(self.processor, [r.image() for r, _ in pairs], [it for _, it in pairs])
+
+
+def make_batch(processor: MvpProcessor, images: list[np.ndarray], items: list[MvpItem]) -> dict:
+    """The model's inputs and targets for ``items`` on ``images``."""
+    pixels, frames = processor.images(images)
+    examples = [processor.example(it.instruction, it.caption) for it in items]
+    batch: dict = {**pixels, **processor.collate(examples, [it.instruction for it in items])}
+    batch["targets"] = [item_targets(it, f, processor.mask_size) for it, f in zip(items, frames, strict=True)]
+    return batch
+
+
+def item_targets(item: MvpItem, frame: ImageFrame, mask_size: int) -> dict[str, torch.Tensor]:
+    boxes = torch.tensor(frame.normalize(np.array([t.box for t in item.targets]).reshape(-1, 4)))
+    return {"labels": torch.tensor([t.label for t in item.targets], dtype=torch.long),
+            "boxes": convert(boxes.clamp(0, 1), "xyxy", "cxcywh"),
+            "masks": target_masks([t.mask for t in item.targets], frame, mask_size),
+            "stuff": torch.tensor([t.stuff for t in item.targets], dtype=torch.bool),
+            "has_mask": torch.tensor([t.has_mask for t in item.targets], dtype=torch.bool)}  # fmt: skip
+
+
+def mvp_tokenizer(texts: list[str]):
+    """The word-level tokenizer over ``texts`` and MVP-LM's templates, with ``<PER>``."""
+    tok = build_world_tokenizer(words_of([*texts, *TEMPLATE_TEXTS]))
+    tok.add_tokens([PER], special_tokens=True)
+    return tok
+
+
+def world_texts(world: WorldConfig, n_scenes: int = 300) -> list[str]:
+    """The texts of ``n_scenes`` world records with their stuff (what the world's tokenizer must spell)."""
+    stream = WorldStream(world, masks=True)
+    return [t for i in range(n_scenes) for t in stream.source.record(i).texts()]
+
+
+def build_mvp_model(config_name: str, tokenizer, **overrides) -> MvpForConditionalGeneration:
+    if config_name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown config {config_name!r}; known: {', '.join(NAMED_CONFIGS)}")
+    text_config = {**cast(dict, NAMED_CONFIGS[config_name]["text_config"]), "vocab_size": len(tokenizer)}
+    ids = tokenizer.convert_tokens_to_ids
+    cfg = named_config(config_name, **{"text_config": text_config, "image_token_id": ids(IMAGE),
+                                       "per_token_id": ids(PER), **overrides})  # fmt: skip
+    return MvpForConditionalGeneration(cfg)
+
+
+def train_mvp(
+    recipe: MvpRecipe, out: Path, progress: bool = True, stop_after: int | None = None, files=None,
+    data: str | Path | None = None,
+) -> Path:  # fmt: skip
+    """Train MVP-LM into ``out`` (resuming whatever is there) on the world or on ``files`` (a data spec's records)."""
+    from perceive.train.trainer import Distributed, _loop, autocast_dtype, loss_curve
+
+    dtype = autocast_dtype(recipe.precision)
+    ddp = Distributed()
+    world = WorldConfig(**recipe.world)
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "data": None if data is None else str(data)},
+                                                    indent=2))  # fmt: skip
+    tok_dir = out / "tokenizer"
+    if ddp.main and not (tok_dir / "tokenizer.json").is_file():
+        with atomic_folder(tok_dir) as tmp:
+            texts = world_texts(world, recipe.vocabulary_scenes) if files is None else _file_texts(files)
+            mvp_tokenizer(texts).save_pretrained(str(tmp))
+    ddp.barrier()
+    tokenizer = load_tokenizer(tok_dir)
+    if PER not in tokenizer.get_vocab():
+        tokenizer.add_tokens([PER], special_tokens=True)
+    torch.manual_seed(recipe.seed)
+    model = build_mvp_model(recipe.model, tokenizer, **recipe.overrides)
+    processor = MvpProcessor(tokenizer, cast(MvpConfig, model.config))
+    records: RecordStream = files if files is not None else WorldStream(world, masks=True)
+    batches = MvpBatches(processor, records, recipe.seed + 1, recipe.tasks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    b = recipe.batch_size
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        warm = min(1.0, (step + 1) / recipe.warmup)
+        progress_ = max(0.0, (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_))))
+        batch = batches.batch([step * b * ddp.world + ddp.rank * b + j for j in range(b)])
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            result = model(**batch)
+        assert result.loss is not None
+        result.loss.backward()
+        return {"loss": result.loss.detach(), **{k: v.detach() for k, v in result.losses.items()}}
+
+    log = out / "train_log.jsonl"
+    end = _loop("mvp", out, model, optimizer, recipe.steps, step_fn, recipe.checkpoint_every, ddp, progress, log,
+                stop_after)  # fmt: skip
+    if end >= recipe.steps and ddp.main:
+        with atomic_folder(out / "model") as tmp:
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        loss_curve(log, out / "loss_curve.png", phases=("mvp",))
+    ddp.barrier()
+    return out
+
+
+def _file_texts(files) -> list[str]:
+    texts: list[str] = []
+    for source in files.spec.sources:
+        for i in range(len(source)):
+            texts += source.record(i).texts()
+    return texts
