@@ -69,7 +69,8 @@ def _spellable(name: str) -> bool:
     return bool(name.strip()) and "," not in name
 
 
-def _absent(record: ImageRecord, present: set[str], rng: random.Random) -> list[str]:
+def absent_names(record: ImageRecord, present: set[str], rng: random.Random) -> list[str]:
+    """Up to ``MAX_ABSENT`` of the names the record may name as absent that it lacks, drawn by ``rng``."""
     pool = sorted({n for n in record.negative_categories if n not in present and _spellable(n)})
     return rng.sample(pool, min(len(pool), rng.randint(0, MAX_ABSENT)))
 
@@ -92,14 +93,14 @@ def mvp_item(record: ImageRecord, task: str, rng: random.Random) -> MvpItem | No
         if not regions or any(i.mask is None for i in regions):
             return None
         present = sorted({i.category for i in regions})
-        names = present + _absent(record, set(present), rng)
+        names = present + absent_names(record, set(present), rng)
         return _word_item(task, record, names, [(i, i.category) for i in regions], rng)
     if task == "detect":
         present = sorted({i.category for i in objects})
         if not present:
             return None
         asked = rng.sample(present, rng.randint(1, len(present)))
-        names = asked + _absent(record, set(present), rng)
+        names = asked + absent_names(record, set(present), rng)
         return _word_item(task, record, names, [(i, i.category) for i in objects if i.category in asked], rng)
     if task == "ground":
         captions = [c for c in record.captions if c.phrases]

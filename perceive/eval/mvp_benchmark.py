@@ -24,7 +24,7 @@ import numpy as np
 
 from perceive.boxes import coco_mask_to_array, mask_to_rle, rle_to_mask
 from perceive.data.records import ImageRecord
-from perceive.data.tasks_mvp import MAX_ABSENT, is_stuff
+from perceive.data.tasks_mvp import absent_names, is_stuff
 from perceive.eval import detection, referring
 from perceive.eval.panoptic import PanopticAccumulator, mean_iou_with_unlabelled, semantic_confusion
 from perceive.eval.report import Report, Table
@@ -43,22 +43,20 @@ def _things(record: ImageRecord) -> list:
     return [i for i in record.instances if not i.iscrowd and i.granularity == "instance"]
 
 
-def _mask(record: ImageRecord, inst) -> np.ndarray:
-    return coco_mask_to_array(inst.mask, record.height, record.width)
+def _masks(record: ImageRecord) -> dict[int, np.ndarray]:
+    """Each masked instance's mask, decoded once for the panoptic, instance and referring truths."""
+    return {i.id: coco_mask_to_array(i.mask, record.height, record.width) for i in record.instances if i.mask}
 
 
-def _absent(record: ImageRecord, present: set[str], rng: random.Random) -> list[str]:
-    pool = sorted(n for n in set(record.negative_categories) - present if "," not in n)
-    return rng.sample(pool, min(len(pool), rng.randint(0, MAX_ABSENT)))
-
-
-def _gt_panoptic(record: ImageRecord, category_ids: dict[str, int]) -> tuple[np.ndarray, list[dict]]:
+def _gt_panoptic(
+    record: ImageRecord, masks: dict[int, np.ndarray], category_ids: dict[str, int]
+) -> tuple[np.ndarray, list[dict]]:
     """The record's panoptic ground truth: stuff regions, then whole instances over them."""
     ids = np.zeros((record.height, record.width), dtype=np.int64)
     segments = []
     regions = [i for i in record.instances if is_stuff(i)] + _things(record)
     for k, inst in enumerate(regions, start=1):
-        ids[_mask(record, inst)] = k
+        ids[masks[inst.id]] = k
         segments.append({"id": k, "category_id": category_ids[inst.category], "iscrowd": 0})
     return ids, segments
 
@@ -95,6 +93,7 @@ def run(perceiver: MvpPerceiver, records: Sequence[ImageRecord], progress: bool 
     seconds, questions = 0.0, 0
     for image_id, record in enumerate(tqdm(records, desc="mvp benchmark", disable=not progress), start=1):
         rng = random.Random(image_id)
+        masks = _masks(record)
         image = record.image()
         t0 = time.perf_counter()
         encoded = perceiver.encode_batch([image])[0]
@@ -103,14 +102,14 @@ def run(perceiver: MvpPerceiver, records: Sequence[ImageRecord], progress: bool 
         regions = [i for i in record.instances if is_stuff(i)] + _things(record)
         if regions:
             present = sorted({i.category for i in regions})
-            asked = present + _absent(record, set(present), rng)
+            asked = present + absent_names(record, set(present), rng)
             rng.shuffle(asked)
             instruction = word_instruction(asked)
             t0 = time.perf_counter()
             decoded = perceiver.decode(encoded, instruction)
             pred = perceiver.merge(decoded.predictions, instruction, encoded.frame)
             seconds, questions = seconds + time.perf_counter() - t0, questions + 1
-            gt_ids, gt_segments = _gt_panoptic(record, category_ids)
+            gt_ids, gt_segments = _gt_panoptic(record, masks, category_ids)
             pred_segments = [{"id": s["id"], "category_id": category_ids.get(s["category"], 0)} for s in pred.segments]
             pred_ids = pred.ids.astype(np.int64)
             for s in pred_segments:  # a name absent from every record: no category to score it as, so unlabeled
@@ -127,13 +126,13 @@ def run(perceiver: MvpPerceiver, records: Sequence[ImageRecord], progress: bool 
         coco_images.append({"id": image_id, "width": record.width, "height": record.height})
         for inst in things:
             x0, y0, x1, y1 = inst.box
-            m = _mask(record, inst)
+            m = masks[inst.id]
             coco_anns.append({"id": len(coco_anns) + 1, "image_id": image_id,
                               "category_id": category_ids[inst.category], "bbox": [x0, y0, x1 - x0, y1 - y0],
                               "area": float(m.sum()), "iscrowd": 0, "segmentation": mask_to_rle(m)})  # fmt: skip
         present = sorted({i.category for i in things})
         if present:
-            asked = present + _absent(record, set(present), rng)
+            asked = present + absent_names(record, set(present), rng)
             rng.shuffle(asked)
             instruction = word_instruction(asked)
             t0 = time.perf_counter()
@@ -157,7 +156,7 @@ def run(perceiver: MvpPerceiver, records: Sequence[ImageRecord], progress: bool 
             seconds, questions = seconds + time.perf_counter() - t0, questions + 1
             gt_union = np.zeros((record.height, record.width), dtype=bool)
             for o in e.answer:
-                gt_union |= _mask(record, by_id[o])
+                gt_union |= masks[o]
             pred_union = np.zeros_like(gt_union)
             for o in objects:
                 if o.mask is not None:

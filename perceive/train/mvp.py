@@ -112,7 +112,7 @@ def item_targets(item: MvpItem, frame: ImageFrame, mask_size: int) -> dict[str, 
 
 
 def mvp_tokenizer(texts: list[str]):
-    """The word-level tokenizer over ``texts`` and MVP-LM's templates, with ``<PER>``."""
+    """The word-level tokenizer over ``texts`` (or their words) and MVP-LM's templates, with ``<PER>``."""
     tok = build_world_tokenizer(words_of([*texts, *TEMPLATE_TEXTS]))
     tok.add_tokens([PER], special_tokens=True)
     return tok
@@ -139,7 +139,7 @@ def train_mvp(
     data: str | Path | None = None,
 ) -> Path:  # fmt: skip
     """Train MVP-LM into ``out`` (resuming whatever is there) on the world or on ``files`` (a data spec's records)."""
-    from perceive.train.trainer import Distributed, _loop, autocast_dtype, loss_curve
+    from perceive.train.trainer import Distributed, _loop, autocast_dtype, data_vocabulary, loss_curve
 
     dtype = autocast_dtype(recipe.precision)
     ddp = Distributed()
@@ -151,7 +151,7 @@ def train_mvp(
     tok_dir = out / "tokenizer"
     if ddp.main and not (tok_dir / "tokenizer.json").is_file():
         with atomic_folder(tok_dir) as tmp:
-            texts = world_texts(world, recipe.vocabulary_scenes) if files is None else _file_texts(files)
+            texts = world_texts(world, recipe.vocabulary_scenes) if files is None else data_vocabulary(files)
             mvp_tokenizer(texts).save_pretrained(str(tmp))
     ddp.barrier()
     tokenizer = load_tokenizer(tok_dir)
@@ -187,11 +187,3 @@ def train_mvp(
         loss_curve(log, out / "loss_curve.png", phases=("mvp",))
     ddp.barrier()
     return out
-
-
-def _file_texts(files) -> list[str]:
-    texts: list[str] = []
-    for source in files.spec.sources:
-        for i in range(len(source)):
-            texts += source.record(i).texts()
-    return texts
