@@ -36,6 +36,7 @@ class Perceiver(ABC):
     """A trained model with its processor, ready to answer questions about images."""
 
     model_type: str = ""
+    takes_prompts: bool = False  # whether ``answer`` reads visual prompts (REF-VLM's <region>)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> Perceiver:

@@ -84,3 +84,21 @@ def parse_prompt(text: str) -> VisualPrompt:
     if any(len(p) != 2 for p in points):
         raise ValueError(f"a {kind} prompt's points are x,y pairs, got {body!r}")
     return VisualPrompt(kind, points=[(p[0], p[1]) for p in points])
+
+
+def prompts_from_json(data: object) -> list[VisualPrompt]:
+    """The API's form: a list of ``{"kind": "point" | "box" | "scribble", "points": [[x, y], ...]}`` (a box is its
+    two corners). Anything else is a ``ValueError`` saying what was expected."""
+    if not isinstance(data, list):
+        raise ValueError(f"prompts must be a JSON list, got {type(data).__name__}")
+    out = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or item.get("kind") not in ("point", "box", "scribble"):
+            raise ValueError(f"prompt {i + 1} must be an object with kind point, box or scribble")
+        points = item.get("points")
+        if not isinstance(points, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, int | float) for v in p) for p in points
+        ):
+            raise ValueError(f"prompt {i + 1}'s points must be a list of [x, y] numbers")
+        out.append(VisualPrompt(item["kind"], points=[(float(x), float(y)) for x, y in points]))
+    return out

@@ -24,7 +24,8 @@ from perceive.models.mvp.perceiver_mvp import MvpPerceiver
 from perceive.models.mvp.processing_mvp import MvpProcessor, masks_to_image
 from perceive.perceiver import ModelFolderError, load
 from perceive.train.data import WorldStream
-from perceive.train.mvp import MVP_RECIPES, MvpBatches, build_mvp_model, mvp_tokenizer, train_mvp, world_texts
+from perceive.train.mvp import MVP_RECIPES, MvpBatches, build_mvp_model, mvp_tokenizer, train_mvp
+from perceive.train.task_batches import world_texts
 from perceive.world.generator import WorldConfig
 
 WORLD = WorldConfig(size=128, person_share=0.35, max_objects=4)

@@ -52,10 +52,17 @@ def _data_benchmark(args: argparse.Namespace) -> Report:
 
         records = [source.record(i) for source in spec.sources for i in range(min(len(source), args.n or len(source)))]
         return mvp_benchmark.run(perceiver, records, progress=not args.quiet, name="data")
+    from perceive.models.refvlm.perceiver_refvlm import RefVlmPerceiver
+
+    if isinstance(perceiver, RefVlmPerceiver):
+        from perceive.eval import refvlm_benchmark
+
+        records = [source.record(i) for source in spec.sources for i in range(min(len(source), args.n or len(source)))]
+        return refvlm_benchmark.run(perceiver, records, progress=not args.quiet, name="data")
     from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
 
     if not isinstance(perceiver, ChatRexPerceiver):
-        raise CliError(f"the file benchmark measures ChatRex and MVP-LM models; {args.model} holds a "
+        raise CliError(f"the file benchmark measures ChatRex, MVP-LM and REF-VLM models; {args.model} holds a "
                        f"{perceiver.model_type} model")  # fmt: skip
     return file_benchmark.run(perceiver, spec.sources, n=args.n, granularity=args.granularity or "both",
                               score_threshold=threshold, progress=not args.quiet)  # fmt: skip
@@ -88,10 +95,25 @@ def _world_benchmark(args: argparse.Namespace) -> Report:
         first = benchmark.held_out_seed(split, n)
         records = [source.record(first + i) for i in range(n)]
         return mvp_benchmark.run(perceiver, records, progress=not args.quiet, name=f"world {split}")
+    from perceive.models.refvlm.perceiver_refvlm import RefVlmPerceiver
+
+    if isinstance(perceiver, RefVlmPerceiver):
+        from perceive.data.sources.world import WorldSource
+        from perceive.eval import refvlm_benchmark
+        from perceive.train.refvlm import RefVlmRecipe
+        from perceive.world.generator import WorldConfig
+
+        source = WorldSource(WorldConfig(**RefVlmRecipe().world), masks=True)
+        first = benchmark.held_out_seed(split, n)
+        records = [source.record(first + i) for i in range(n)]
+        # the keypoint baseline's mean pose: training scenes' persons (the world's first seeds), never the measured
+        template = [source.record(i) for i in range(refvlm_benchmark.TEMPLATE_RECORDS)]
+        return refvlm_benchmark.run(perceiver, records, progress=not args.quiet, name=f"world {split}",
+                                    template_records=template)  # fmt: skip
     from perceive.models.chatrex.perceiver_chatrex import ChatRexPerceiver
 
     if not isinstance(perceiver, ChatRexPerceiver):
-        raise CliError(f"the world suite measures ChatRex and MVP-LM models; {args.model} holds a "
+        raise CliError(f"the world suite measures ChatRex, MVP-LM and REF-VLM models; {args.model} holds a "
                        f"{perceiver.model_type} model")  # fmt: skip
     return benchmark.run(perceiver, n=n, progress=not args.quiet, split=split)
 

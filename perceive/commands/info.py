@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from perceive.commands import CliError
 
@@ -19,12 +20,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, named_config
     from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
     from perceive.models.mvp.configuration_mvp import NAMED_CONFIGS as MVP_CONFIGS
+    from perceive.models.refvlm.configuration_refvlm import NAMED_CONFIGS as REFVLM_CONFIGS
     from perceive.models.upn.modeling_upn import UpnModel
 
-    if args.config in MVP_CONFIGS:
-        return _mvp_info(args)
+    if args.config in MVP_CONFIGS or args.config in REFVLM_CONFIGS:
+        return _decoder_model_info(args)
     if args.config not in NAMED_CONFIGS:
-        raise CliError(f"unknown config {args.config!r}; known: {', '.join([*NAMED_CONFIGS, *MVP_CONFIGS])}")
+        known = [*NAMED_CONFIGS, *MVP_CONFIGS, *REFVLM_CONFIGS]
+        raise CliError(f"unknown config {args.config!r}; known: {', '.join(known)}")
     cfg = named_config(args.config, attribute_heads=EXAMPLE_ATTRIBUTE_HEADS)
     if not cfg.obj_token_ids:  # a real tokenizer's ids; only their count matters here
         vocab = cfg.text().vocab_size
@@ -53,19 +56,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mvp_info(args: argparse.Namespace) -> int:
+def _decoder_model_info(args: argparse.Namespace) -> int:
+    """MVP-LM's and REF-VLM's configurations: the encoders, the LM, and the projector with the decoders."""
     import torch
 
-    from perceive.models.mvp.configuration_mvp import named_config
+    from perceive.models.mvp import configuration_mvp
     from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration
+    from perceive.models.refvlm import configuration_refvlm
+    from perceive.models.refvlm.modeling_refvlm import RefVlmForConditionalGeneration
 
-    cfg = named_config(args.config)
-    with torch.device("meta"):
-        model = MvpForConditionalGeneration(cfg)
+    cfg: Any
+    model: Any
+    if args.config in configuration_mvp.NAMED_CONFIGS:
+        cfg = configuration_mvp.named_config(args.config)
+        shape = f"{cfg.thing_queries} thing and {cfg.stuff_queries} stuff queries, {cfg.decoder_layers} decoder layers"
+        with torch.device("meta"):
+            model = MvpForConditionalGeneration(cfg)
+    else:
+        cfg = configuration_refvlm.named_config(args.config)
+        shape = f"box, mask and keypoint decoders of {cfg.decoder_layers} layers, {cfg.region_tokens} tokens a region"
+        with torch.device("meta"):
+            model = RefVlmForConditionalGeneration(cfg)
     parts = {"vision (CLIP ViT)": model.vision.vit, "vision (ConvNeXt)": model.vision.convnext,
              "language model": model.language_model}  # fmt: skip
     rows = [(k, sum(p.numel() for p in m.parameters())) for k, m in parts.items()]
-    rows.append(("projector, pixel decoder and query decoder",
+    rows.append(("projector, pixel decoder and decoders",
                  sum(p.numel() for n, p in model.named_parameters()
                      if not n.startswith(("vision.", "language_model.")))))  # fmt: skip
     total = sum(n for _, n in rows)
@@ -74,8 +89,7 @@ def _mvp_info(args: argparse.Namespace) -> int:
         print()
         return 0
     print(f"config {args.config} ({cfg.model_type}): images {cfg.low_resolution}px (ViT) / {cfg.high_resolution}px "
-          f"(ConvNeXt), {cfg.thing_queries} thing and {cfg.stuff_queries} stuff queries, {cfg.decoder_layers} decoder "
-          f"layers")  # fmt: skip
+          f"(ConvNeXt), {shape}")  # fmt: skip
     for k, n in rows:
         print(f"  {k:44s} {n / 1e6:10.2f} M")
     print(f"  {'total':44s} {total / 1e6:10.2f} M")

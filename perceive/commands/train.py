@@ -13,12 +13,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from perceive.data.readers import FormatError
     from perceive.train.checkpoint import CheckpointError
     from perceive.train.mvp import MVP_RECIPES
+    from perceive.train.refvlm import REFVLM_RECIPES
     from perceive.train.trainer import RECIPES, train
 
-    if args.config in MVP_RECIPES:
-        return _train_mvp(args)
+    if args.config in MVP_RECIPES or args.config in REFVLM_RECIPES:
+        return _train_decoder_model(args)
     if args.config not in RECIPES:
-        raise CliError(f"unknown config {args.config!r}; known: {', '.join([*RECIPES, *MVP_RECIPES])}")
+        known = [*RECIPES, *MVP_RECIPES, *REFVLM_RECIPES]
+        raise CliError(f"unknown config {args.config!r}; known: {', '.join(known)}")
     recipe = RECIPES[args.config]
     if args.loader_workers is not None:
         if args.loader_workers < 0:
@@ -39,18 +41,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_mvp(args: argparse.Namespace) -> int:
+def _train_decoder_model(args: argparse.Namespace) -> int:
+    """MVP-LM's and REF-VLM's recipes: one stage over the world or a data spec's records."""
     from pathlib import Path
 
     from perceive.data.readers import FormatError
     from perceive.train.checkpoint import CheckpointError
     from perceive.train.mvp import MVP_RECIPES, train_mvp
+    from perceive.train.refvlm import REFVLM_RECIPES, train_refvlm
     from perceive.train.trainer import _file_data
 
     try:
         files = _file_data(args.data, args.strict, not args.quiet) if args.data is not None else None
-        out = train_mvp(MVP_RECIPES[args.config], Path(args.out), progress=not args.quiet, stop_after=args.stop_after,
-                        files=files, data=args.data)  # fmt: skip
+        common = {"progress": not args.quiet, "stop_after": args.stop_after, "files": files, "data": args.data}
+        if args.config in MVP_RECIPES:
+            out = train_mvp(MVP_RECIPES[args.config], Path(args.out), **common)
+        else:
+            out = train_refvlm(REFVLM_RECIPES[args.config], Path(args.out), **common)
     except (CheckpointError, FormatError, FileNotFoundError) as e:
         raise CliError(str(e)) from None
     if (out / "model").is_dir():
@@ -64,7 +71,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train", help="train a model from scratch on the world or on annotation files (resumes if killed)"
     )
-    t.add_argument("--config", default="tiny", help="training recipe: tiny (default), smoke, mvp-tiny or mvp-smoke")
+    t.add_argument(
+        "--config",
+        default="tiny",
+        help="training recipe: tiny (default), smoke, mvp-tiny, mvp-smoke, refvlm-tiny or refvlm-smoke",
+    )
     t.add_argument("--out", required=True, help="output folder (checkpoints, logs, the final model)")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop each phase after this many steps in this run (run again to resume)")  # fmt: skip

@@ -20,6 +20,8 @@ PERCEIVERS = {
     "rexseek_qwen": ("perceive.models.rexseek.perceiver_rexseek", "RexSeekPerceiver"),
     # MVP-LM: a <PER> token drives a box-and-mask query decoder
     "mvp": ("perceive.models.mvp.perceiver_mvp", "MvpPerceiver"),
+    # REF-VLM: TRP answers whose <REF> tokens drive box, mask and keypoint decoders; visual prompts in
+    "refvlm": ("perceive.models.refvlm.perceiver_refvlm", "RefVlmPerceiver"),
 }
 
 

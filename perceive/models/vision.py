@@ -11,7 +11,33 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, Qwen2Config
+
+
+class DualEncoderParts:
+    """The parts' configurations of a model built from the dual vision encoder and a Qwen2 (MVP-LM's, REF-VLM's):
+    a configuration with ``vision_config``, ``convnext_config`` and ``text_config`` dicts and ``low_resolution``."""
+
+    vision_config: dict
+    convnext_config: dict
+    text_config: dict
+    low_resolution: int
+
+    def vision(self) -> CLIPVisionConfig:
+        return CLIPVisionConfig(**{**self.vision_config, "image_size": self.low_resolution})
+
+    def convnext(self) -> ConvNextConfig:
+        cfg = dict(self.convnext_config)
+        cfg.setdefault("num_stages", len(cfg.get("depths", [3, 3, 9, 3])))
+        return ConvNextConfig(**cfg)
+
+    def text(self) -> Qwen2Config:
+        return Qwen2Config(**self.text_config)
+
+    @property
+    def image_grid(self) -> int:
+        v = self.vision()
+        return int(v.image_size) // int(v.patch_size)  # type: ignore[arg-type]
 
 
 class DualVisionEncoder(nn.Module):

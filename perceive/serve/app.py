@@ -1,7 +1,8 @@
 """``perceive serve``: a JSON API and a web page over a ``Perceiver``.
 
 - ``POST /v1/ask`` (multipart: ``image`` or ``image_id``, ``question``, and optionally ``boxes``, a JSON list
-  of ``[x0, y0, x1, y1]`` pixel boxes the model chooses among instead of its proposals) answers with the
+  of ``[x0, y0, x1, y1]`` pixel boxes the model chooses among instead of its proposals, or ``prompts``, a JSON
+  list of visual prompts for a model that takes them, ``perceive.prompts.prompts_from_json``) answers with the
   JSON of ``perceive ask --json``; the ``X-Image-Id`` header names the encoded image (with its boxes), so
   a follow-up question can send ``image_id`` instead of the file and skip the proposal network and the
   vision encoders. Ids are random per upload: they reveal nothing about the image.
@@ -42,13 +43,14 @@ from starlette.types import Message
 
 from perceive.boxes import check_pixel_boxes
 from perceive.images import ImageError, load_image
+from perceive.prompts import prompts_from_json
 from perceive.serve.connections import make_server
 from perceive.serve.docs_page import docs_page
 from perceive.serve.limits import Limits
 from perceive.serve.same_site import SameSiteOnly
 
 STATIC = Path(__file__).parent / "static"
-FIELDS = {"image", "image_id", "question", "boxes"}
+FIELDS = {"image", "image_id", "question", "boxes", "prompts"}
 FORM_OVERHEAD = 64 * 1024  # room for the question, the boxes and the multipart headers beside the image
 log = logging.getLogger("perceive.serve")
 
@@ -84,6 +86,9 @@ ASK_FORM = {
             "question": {"type": "string", "description": "the question, at most 2000 characters"},
             "boxes": {"type": "string", "description": "optional JSON list of [x0, y0, x1, y1] pixel boxes the model "
                                                        "chooses among instead of its own proposals"},
+            "prompts": {"type": "string", "description": 'optional JSON list of visual prompts, one per <region> of '
+                        'the question, for models that take them: {"kind": "point" | "box" | "scribble", "points": '
+                        '[[x, y], ...]} in pixels'},
         },
     }}},
 }  # fmt: skip
@@ -126,7 +131,9 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
     async def health() -> dict:
         return {"status": "ok", "queue": state["in_flight"], "queue_size": limits.queue_size}
 
-    def infer(image_bytes: bytes | None, image_id: str | None, question: str, boxes: list | None) -> tuple[dict, str]:
+    def infer(
+        image_bytes: bytes | None, image_id: str | None, question: str, boxes: list | None, prompts: list | None = None
+    ) -> tuple[dict, str]:
         """Runs on the single worker thread: encode (or reuse) the image with its boxes, answer the question."""
         if image_bytes is not None:
             try:
@@ -150,7 +157,10 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
         while len(cache) > limits.cache_images:
             cache.popitem(last=False)
         try:
-            answer = perceiver.answer([cache[key].encoded], [question])[0]
+            if prompts:
+                answer = perceiver.answer([cache[key].encoded], [question], prompts=[prompts])[0]
+            else:
+                answer = perceiver.answer([cache[key].encoded], [question])[0]
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         return answer.to_json(), key
@@ -226,7 +236,8 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
         if unknown:
             raise ApiError(
                 400,
-                f"unknown field(s): {', '.join(unknown)}; expected image or image_id, question, and optionally boxes",
+                f"unknown field(s): {', '.join(unknown)}; expected image or image_id, question, and optionally boxes "
+                f"or prompts",
             )
         question = form.get("question")
         if not isinstance(question, str) or not question.strip():
@@ -240,6 +251,15 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
                 boxes = check_pixel_boxes(json.loads(str(raw_boxes)), "boxes").tolist()
             except (json.JSONDecodeError, ValueError) as e:
                 raise ApiError(400, f"field 'boxes' must be a JSON list of [x0, y0, x1, y1] pixel boxes: {e}") from None
+        prompts = None
+        raw_prompts = form.get("prompts")
+        if raw_prompts is not None:
+            if not perceiver.takes_prompts:
+                raise ApiError(400, f"this {perceiver.model_type} model takes no visual prompts")
+            try:
+                prompts = prompts_from_json(json.loads(str(raw_prompts)))
+            except (json.JSONDecodeError, ValueError) as e:
+                raise ApiError(400, f"field 'prompts': {e}") from None
         raw_id = form.get("image_id")
         image_id = raw_id if isinstance(raw_id, str) else None
         if data is not None:
@@ -252,7 +272,7 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
         state["in_flight"] += 1
         try:
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(worker, infer, data, image_id, question, boxes)
+            future = loop.run_in_executor(worker, infer, data, image_id, question, boxes, prompts)
             try:
                 result, key = await asyncio.wait_for(future, timeout=limits.timeout_s)
             except TimeoutError:

@@ -7,10 +7,8 @@ the same weights (``perceive.train.trainer``'s loop and checkpoints).
 
 from __future__ import annotations
 
-import json
-import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -25,10 +23,9 @@ from perceive.models.image_processing import ImageFrame
 from perceive.models.mvp.configuration_mvp import NAMED_CONFIGS, MvpConfig, named_config
 from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration
 from perceive.models.mvp.processing_mvp import MvpProcessor, target_masks
-from perceive.tokenization import IMAGE, build_world_tokenizer, load_tokenizer, words_of
-from perceive.train.checkpoint import atomic_folder
-from perceive.train.data import RecordStream, WorldStream
-from perceive.world.generator import WorldConfig
+from perceive.tokenization import IMAGE, build_world_tokenizer, words_of
+from perceive.train.data import RecordStream
+from perceive.train.task_batches import TaskBatches, train_one_stage
 
 TASK_WEIGHTS = {"panoptic": 3.0, "detect": 2.0, "ground": 1.0, "refer": 4.0}
 TEMPLATE_TEXTS = (WORD_TASK, SENTENCE_TASK, f". {RESULT_LEAD}", ", ")
@@ -65,32 +62,17 @@ MVP_RECIPES = {
 }  # fmt: skip
 
 
-class MvpBatches:
+class MvpBatches(TaskBatches):
     """The training batches: sample ``index`` is a record of ``records`` and a task drawn by the recipe's weights
     (another task where the record cannot pose it)."""
 
-    def __init__(self, processor: MvpProcessor, records: RecordStream, seed: int, tasks: dict[str, float]) -> None:
-        self.processor = processor
-        self.records = records
-        self.seed = seed
-        self.names = [t for t, w in tasks.items() if w > 0]
-        self.weights = [tasks[t] for t in self.names]
+    needs = "masks, expressions or grounded captions"
 
-    def item(self, index: int) -> tuple[ImageRecord, MvpItem]:
-        for attempt in range(20):
-            record = self.records.record_for(self.seed, index + attempt * 7_919_993)
-            rng = random.Random(self.seed * 1_000_003 + index * 31 + attempt)
-            first = rng.choices(self.names, self.weights)[0]
-            for task in [first, *[t for t in self.names if t != first]]:
-                item = mvp_item(record, task, rng)
-                if item is not None:
-                    return record, item
-        raise ValueError(f"20 records from sample {index} on pose none of the tasks {self.names}: does the data "
-                         f"have masks, expressions or grounded captions?")  # fmt: skip
+    def make_item(self, record: ImageRecord, task: str, rng: random.Random) -> MvpItem | None:
+        return mvp_item(record, task, rng)
 
-    def batch(self, indices: list[int]) -> dict:
-        pairs = [self.item(i) for i in indices]
-        return make_batch(self.processor, [r.image() for r, _ in pairs], [it for _, it in pairs])
+    def make_batch(self, images: list[np.ndarray], items: list) -> dict:
+        return make_batch(self.processor, images, items)
 
 
 def make_batch(processor: MvpProcessor, images: list[np.ndarray], items: list[MvpItem]) -> dict:
@@ -118,12 +100,6 @@ def mvp_tokenizer(texts: list[str]):
     return tok
 
 
-def world_texts(world: WorldConfig, n_scenes: int = 300) -> list[str]:
-    """The texts of ``n_scenes`` world records with their stuff (what the world's tokenizer must spell)."""
-    stream = WorldStream(world, masks=True)
-    return [t for i in range(n_scenes) for t in stream.source.record(i).texts()]
-
-
 def build_mvp_model(config_name: str, tokenizer, **overrides) -> MvpForConditionalGeneration:
     if config_name not in NAMED_CONFIGS:
         raise ValueError(f"unknown config {config_name!r}; known: {', '.join(NAMED_CONFIGS)}")
@@ -139,51 +115,10 @@ def train_mvp(
     data: str | Path | None = None,
 ) -> Path:  # fmt: skip
     """Train MVP-LM into ``out`` (resuming whatever is there) on the world or on ``files`` (a data spec's records)."""
-    from perceive.train.trainer import Distributed, _loop, autocast_dtype, data_vocabulary, loss_curve
 
-    dtype = autocast_dtype(recipe.precision)
-    ddp = Distributed()
-    world = WorldConfig(**recipe.world)
-    if ddp.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "data": None if data is None else str(data)},
-                                                    indent=2))  # fmt: skip
-    tok_dir = out / "tokenizer"
-    if ddp.main and not (tok_dir / "tokenizer.json").is_file():
-        with atomic_folder(tok_dir) as tmp:
-            texts = world_texts(world, recipe.vocabulary_scenes) if files is None else data_vocabulary(files)
-            mvp_tokenizer(texts).save_pretrained(str(tmp))
-    ddp.barrier()
-    tokenizer = load_tokenizer(tok_dir)
-    if PER not in tokenizer.get_vocab():
-        tokenizer.add_tokens([PER], special_tokens=True)
-    torch.manual_seed(recipe.seed)
-    model = build_mvp_model(recipe.model, tokenizer, **recipe.overrides)
-    processor = MvpProcessor(tokenizer, cast(MvpConfig, model.config))
-    records: RecordStream = files if files is not None else WorldStream(world, masks=True)
-    batches = MvpBatches(processor, records, recipe.seed + 1, recipe.tasks)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    b = recipe.batch_size
+    def build(tokenizer, records: RecordStream) -> tuple[torch.nn.Module, TaskBatches]:
+        model = build_mvp_model(recipe.model, tokenizer, **recipe.overrides)
+        processor = MvpProcessor(tokenizer, cast(MvpConfig, model.config))
+        return model, MvpBatches(processor, records, recipe.seed + 1, recipe.tasks)
 
-    def step_fn(step: int) -> dict[str, torch.Tensor]:
-        warm = min(1.0, (step + 1) / recipe.warmup)
-        progress_ = max(0.0, (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup))
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_))))
-        batch = batches.batch([step * b * ddp.world + ddp.rank * b + j for j in range(b)])
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            result = model(**batch)
-        assert result.loss is not None
-        result.loss.backward()
-        return {"loss": result.loss.detach(), **{k: v.detach() for k, v in result.losses.items()}}
-
-    log = out / "train_log.jsonl"
-    end = _loop("mvp", out, model, optimizer, recipe.steps, step_fn, recipe.checkpoint_every, ddp, progress, log,
-                stop_after)  # fmt: skip
-    if end >= recipe.steps and ddp.main:
-        with atomic_folder(out / "model") as tmp:
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        loss_curve(log, out / "loss_curve.png", phases=("mvp",))
-    ddp.barrier()
-    return out
+    return train_one_stage("mvp", recipe, out, mvp_tokenizer, [PER], build, progress, stop_after, files, data)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import copy
 
-from transformers import CLIPVisionConfig, ConvNextConfig, PretrainedConfig, Qwen2Config
+from transformers import PretrainedConfig
+
+from perceive.models.vision import DualEncoderParts
 
 QUERY_ENHANCEMENTS = ("paper", "selected")
 TEXT_LAYERS = ("last", "all")
 
 
-class MvpConfig(PretrainedConfig):
+class MvpConfig(DualEncoderParts, PretrainedConfig):
     """The shared dual vision encoder (CLIP ViT tokens for the language model, ConvNeXt pyramid for the decoder), a
     Qwen2 language model, and the multi-granularity query decoder. What each choice measured:
     ``docs/experiments/mvp.md``.
@@ -105,22 +107,6 @@ class MvpConfig(PretrainedConfig):
         self.overlap_threshold = overlap_threshold
         self.image_token_id = image_token_id
         self.per_token_id = per_token_id
-
-    def vision(self) -> CLIPVisionConfig:
-        return CLIPVisionConfig(**{**self.vision_config, "image_size": self.low_resolution})
-
-    def convnext(self) -> ConvNextConfig:
-        cfg = dict(self.convnext_config)
-        cfg.setdefault("num_stages", len(cfg.get("depths", [3, 3, 9, 3])))
-        return ConvNextConfig(**cfg)
-
-    def text(self) -> Qwen2Config:
-        return Qwen2Config(**self.text_config)
-
-    @property
-    def image_grid(self) -> int:
-        v = self.vision()
-        return int(v.image_size) // int(v.patch_size)  # type: ignore[arg-type]
 
     @property
     def num_queries(self) -> int:

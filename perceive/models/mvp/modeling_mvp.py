@@ -22,7 +22,6 @@ every target's class, box and mask.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import cast
@@ -35,6 +34,7 @@ from transformers import PreTrainedModel, Qwen2ForCausalLM
 from perceive.boxes import convert
 from perceive.models.matching import HungarianMatcher, MatchWeights, box_losses, dice_loss, mask_bce_loss
 from perceive.models.mvp.configuration_mvp import MvpConfig
+from perceive.models.pixel_decoder import MLP, PixelDecoder, sine_positions
 from perceive.models.vision import DualVisionEncoder
 
 NEG = -1e4  # the logit of a category slot that does not exist in a sample's padded list
@@ -60,67 +60,12 @@ class MvpOutput:
     lm_logits: torch.Tensor | None = None
 
 
-def sine_positions(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:
-    """``[h * w, dim]`` 2D sine position embedding (DETR's), row-major."""
-    quarter = dim // 4
-    freq = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
-    py = ys[:, None] * freq[None]
-    px = xs[:, None] * freq[None]
-    emb_y = torch.cat([py.sin(), py.cos()], -1)[:, None].expand(h, w, 2 * quarter)
-    emb_x = torch.cat([px.sin(), px.cos()], -1)[None].expand(h, w, 2 * quarter)
-    out = torch.cat([emb_y, emb_x], -1).reshape(h * w, 4 * quarter)
-    return F.pad(out, (0, dim - out.shape[-1]))
-
-
 def token_anchors(h: int, w: int, device: torch.device) -> torch.Tensor:
     """``[h * w, 4]`` cxcywh boxes of a level's tokens: each cell's centre, twice its size (OpenSeeD's proposals)."""
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([cx, cy, torch.full_like(cx, 2 / w), torch.full_like(cy, 2 / h)], -1).reshape(-1, 4)
-
-
-class MLP(nn.Module):
-    def __init__(self, dims: list[int]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.gelu(x)
-        return x
-
-
-class PixelDecoder(nn.Module):
-    """An FPN over the ConvNeXt levels (strides 4, 8, 16, ...): per-pixel embeddings at stride 4 and the coarser
-    levels as the decoder's memory, coarsest first."""
-
-    def __init__(self, in_channels: list[int], dim: int) -> None:
-        super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
-        # depthwise-separable 3 x 3 convolutions: a full one at stride 4 was most of a CPU training step
-        self.output = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.Conv2d(dim, dim, 1), nn.GroupNorm(8, dim),
-                          nn.GELU())
-            for _ in in_channels
-        )  # fmt: skip
-        self.mask_features = nn.Conv2d(dim, dim, 1)
-
-    def forward(self, levels: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x: torch.Tensor | None = None
-        outs = []
-        for lateral, output, level in zip(reversed(self.lateral), reversed(self.output), reversed(levels), strict=True):
-            y = lateral(level)
-            if x is not None:
-                y = y + F.interpolate(x, size=y.shape[-2:], mode="nearest")
-            x = output(y)
-            outs.append(x)
-        # outs: coarsest first; the finest (stride 4) gives the per-pixel embeddings
-        return self.mask_features(outs[-1]), outs[:-1]
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,132 @@
+"""The one-stage training of the decoder models (MVP-LM, REF-VLM): batches whose sample ``index`` is a record of a
+stream and a task drawn by the recipe's weights, each a function of the step alone (a resumed run sees the same
+batches), the learning rate (warmup, then cosine to a tenth), and the run itself (``train_one_stage``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perceive.data.records import ImageRecord
+from perceive.tokenization import load_tokenizer
+from perceive.train.data import RecordStream
+
+ATTEMPTS = 20  # records tried from one sample index before the data is said to pose none of the tasks
+
+
+class TaskBatches:
+    """``item(index)``: a record of ``records`` and a task drawn by the weights in ``tasks`` (another task where the
+    record cannot pose it); ``batch(indices)``: the model's inputs and targets. A model's batches say how to pose a
+    task (``make_item``) and how to turn items into tensors (``make_batch``)."""
+
+    needs = "the annotations its tasks need"  # said when no record poses any task
+
+    def __init__(self, processor: Any, records: RecordStream, seed: int, tasks: dict[str, float]) -> None:
+        self.processor = processor
+        self.records = records
+        self.seed = seed
+        self.names = [t for t, w in tasks.items() if w > 0]
+        self.weights = [tasks[t] for t in self.names]
+
+    def make_item(self, record: ImageRecord, task: str, rng: random.Random) -> Any:
+        raise NotImplementedError
+
+    def make_batch(self, images: list[np.ndarray], items: list) -> dict:
+        raise NotImplementedError
+
+    def item(self, index: int) -> tuple[ImageRecord, Any]:
+        for attempt in range(ATTEMPTS):
+            record = self.records.record_for(self.seed, index + attempt * 7_919_993)
+            rng = random.Random(self.seed * 1_000_003 + index * 31 + attempt)
+            first = rng.choices(self.names, self.weights)[0]
+            for task in [first, *[t for t in self.names if t != first]]:
+                item = self.make_item(record, task, rng)
+                if item is not None:
+                    return record, item
+        raise ValueError(f"{ATTEMPTS} records from sample {index} on pose none of the tasks {self.names}: does the "
+                         f"data have {self.needs}?")  # fmt: skip
+
+    def batch(self, indices: list[int]) -> dict:
+        pairs = [self.item(i) for i in indices]
+        return self.make_batch([r.image() for r, _ in pairs], [it for _, it in pairs])
+
+
+def world_texts(world: Any, n_scenes: int = 300) -> list[str]:
+    """The texts of ``n_scenes`` world records with masks and stuff (what a world tokenizer must spell)."""
+    from perceive.train.data import WorldStream
+
+    stream = WorldStream(world, masks=True)
+    return [t for i in range(n_scenes) for t in stream.source.record(i).texts()]
+
+
+def learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from ``peak`` down to a tenth of it at ``steps``."""
+    warm = min(1.0, (step + 1) / warmup)
+    done = max(0.0, (step - warmup) / max(1, steps - warmup))
+    return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
+
+
+def train_one_stage(
+    name: str, recipe: Any, out: Path, build_tokenizer: Callable[[list[str]], Any], added_tokens: Sequence[str],
+    build: Callable[[Any, RecordStream], tuple[torch.nn.Module, TaskBatches]], progress: bool = True,
+    stop_after: int | None = None, files: RecordStream | None = None, data: str | Path | None = None,
+) -> Path:  # fmt: skip
+    """A decoder model's one-stage recipe into ``out``, resuming whatever is there: the tokenizer built once over
+    the world's texts (or the files'), ``build(tokenizer, records)`` gives the model and its batches; the model and
+    its tokenizer are saved in ``out/model`` at the end. ``recipe`` has the fields of MVP-LM's and REF-VLM's."""
+    from perceive.train.checkpoint import atomic_folder
+    from perceive.train.data import WorldStream
+    from perceive.train.trainer import Distributed, _loop, autocast_dtype, data_vocabulary, loss_curve
+    from perceive.world.generator import WorldConfig
+
+    dtype = autocast_dtype(recipe.precision)
+    ddp = Distributed()
+    world = WorldConfig(**recipe.world)
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "data": None if data is None else str(data)},
+                                                    indent=2))  # fmt: skip
+    tok_dir = out / "tokenizer"
+    if ddp.main and not (tok_dir / "tokenizer.json").is_file():
+        with atomic_folder(tok_dir) as tmp:
+            texts = world_texts(world, recipe.vocabulary_scenes) if files is None else data_vocabulary(files)
+            build_tokenizer(texts).save_pretrained(str(tmp))
+    ddp.barrier()
+    tokenizer = load_tokenizer(tok_dir)
+    missing = [t for t in added_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    torch.manual_seed(recipe.seed)
+    records: RecordStream = files if files is not None else WorldStream(world, masks=True)
+    model, batches = build(tokenizer, records)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    b = recipe.batch_size
+
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, recipe.steps, recipe.warmup, recipe.lr)
+        batch = batches.batch([step * b * ddp.world + ddp.rank * b + j for j in range(b)])
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            result = model(**batch)
+        assert result.loss is not None
+        result.loss.backward()
+        return {"loss": result.loss.detach(), **{k: v.detach() for k, v in result.losses.items()}}
+
+    log = out / "train_log.jsonl"
+    end = _loop(name, out, model, optimizer, recipe.steps, step_fn, recipe.checkpoint_every, ddp, progress, log,
+                stop_after)  # fmt: skip
+    if end >= recipe.steps and ddp.main:
+        with atomic_folder(out / "model") as tmp:
+            model.save_pretrained(str(tmp))  # type: ignore[operator]
+            tokenizer.save_pretrained(str(tmp))
+        loss_curve(log, out / "loss_curve.png", phases=(name,))
+    ddp.barrier()
+    return out
