@@ -117,7 +117,7 @@ def test_the_api_docs_need_no_network():
     assert "://" not in page.text and "<script" not in page.text.lower()  # no CDN, no external anything
     schema = client.get("/openapi.json").json()
     form = schema["paths"]["/v1/ask"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(form["properties"]) == {"image", "image_id", "question", "boxes"}
+    assert set(form["properties"]) == {"image", "image_id", "question", "boxes", "prompts"}
     assert client.get("/redoc").status_code == 404
 
 
