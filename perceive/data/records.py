@@ -127,6 +127,14 @@ class ImageRecord:
                 return inst
         raise KeyError(f"{self.key}: no instance {instance_id}")
 
+    def instance_masks(self) -> dict[int, np.ndarray]:
+        """Each instance with a mask, decoded: ``[H, W]`` bool by instance id (for benchmarks that read the
+        masks of one record several times)."""
+        from perceive.boxes import coco_mask_to_array
+
+        return {i.id: coco_mask_to_array(i.mask, self.height, self.width).astype(bool)
+                for i in self.instances if i.mask}  # fmt: skip
+
     def texts(self) -> list[str]:
         """Every text a task may write about this image: names, expressions, captions, descriptions, questions
         and answers (what a word-level tokenizer must know)."""

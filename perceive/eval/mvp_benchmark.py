@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from perceive.boxes import coco_mask_to_array, mask_to_rle, rle_to_mask
+from perceive.boxes import mask_to_rle, rle_to_mask
 from perceive.data.records import ImageRecord
 from perceive.data.tasks_mvp import absent_names, is_stuff
 from perceive.eval import detection, referring
@@ -41,11 +41,6 @@ IGNORE = 255
 
 def _things(record: ImageRecord) -> list:
     return [i for i in record.instances if not i.iscrowd and i.granularity == "instance"]
-
-
-def _masks(record: ImageRecord) -> dict[int, np.ndarray]:
-    """Each masked instance's mask, decoded once for the panoptic, instance and referring truths."""
-    return {i.id: coco_mask_to_array(i.mask, record.height, record.width) for i in record.instances if i.mask}
 
 
 def _gt_panoptic(
@@ -93,7 +88,7 @@ def run(perceiver: MvpPerceiver, records: Sequence[ImageRecord], progress: bool 
     seconds, questions = 0.0, 0
     for image_id, record in enumerate(tqdm(records, desc="mvp benchmark", disable=not progress), start=1):
         rng = random.Random(image_id)
-        masks = _masks(record)
+        masks = record.instance_masks()
         image = record.image()
         t0 = time.perf_counter()
         encoded = perceiver.encode_batch([image])[0]

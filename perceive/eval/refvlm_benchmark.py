@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from perceive.boxes import coco_mask_to_array, pair_iou, rle_to_mask
+from perceive.boxes import pair_iou, rle_to_mask
 from perceive.data.records import ImageRecord
 from perceive.data.tasks_refvlm import (
     caption_item,
@@ -56,11 +56,6 @@ EXPRESSIONS_PER_RECORD = 3
 TEMPLATE_RECORDS = 200  # records whose persons give the keypoint baseline's mean pose
 PROMPT_KINDS = ("mask", "box", "point", "scribble")
 MODES = ("generated", "teacher-forced")
-
-
-def _masks(record: ImageRecord) -> dict[int, np.ndarray]:
-    return {i.id: coco_mask_to_array(i.mask, record.height, record.width).astype(bool)
-            for i in record.instances if i.mask}  # fmt: skip
 
 
 def _union(objects, shape: tuple[int, int]) -> np.ndarray:
@@ -110,7 +105,7 @@ def run(perceiver: RefVlmPerceiver, records: Sequence[ImageRecord], progress: bo
 
     for image_id, record in enumerate(tqdm(records, desc="refvlm benchmark", disable=not progress), start=1):
         rng = random.Random(image_id)
-        masks = _masks(record)
+        masks = record.instance_masks()
         shape = (record.height, record.width)
         encoded = perceiver.encode_batch([record.image()])[0]
         frame = encoded.frame
@@ -132,7 +127,8 @@ def run(perceiver: RefVlmPerceiver, records: Sequence[ImageRecord], progress: bo
                     r["rec_gt"].append(gt[0])
                     r["rec_pred"].append(boxes[0] if boxes else None)
                     for readout in BOX_READOUTS:  # both heads of the box decoder, to choose between on validation
-                        other = [o.box for o in perceiver.objects(decoded, frame, box_readout=readout)]
+                        same = readout == perceiver.config.box_readout
+                        other = boxes if same else [o.box for o in perceiver.objects(decoded, frame, readout)]
                         r[f"rec_{readout}"].append(other[0] if other else None)
         # RES
         single = [e for e in expressions if len(e.answer) == 1 and e.answer[0] in masks]

@@ -141,3 +141,27 @@ def dual_resolution_pixels(
         frames.append(ImageFrame(arr.shape[1], arr.shape[0]))
     low_t, high_t = torch.stack(lows), torch.stack(highs)
     return {"pixel_low": normalize_image(low_t), "pixel_high": normalize_image(high_t), "rgb_high": high_t}, frames
+
+
+@dataclass
+class EncodedImage:
+    """An image made ready for a decoder model's questions (MVP-LM, REF-VLM): the array, its frame and the model's
+    ``encode_image`` output for it alone."""
+
+    array: np.ndarray
+    frame: ImageFrame
+    image: dict
+
+
+@torch.no_grad()
+def encode_images(images: Sequence, processor, model) -> list[EncodedImage]:
+    """``images`` (paths, bytes, PIL images or arrays) through ``processor.images`` and ``model.encode_image``, one
+    at a time."""
+    from perceive.images import load_image
+
+    out = []
+    for im in images:
+        arr = load_image(im)
+        pixels, frames = processor.images([arr])
+        out.append(EncodedImage(arr, frames[0], model.encode_image(pixels["pixel_low"], pixels["pixel_high"])))
+    return out

@@ -15,8 +15,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, Conv
 
 
 class DualEncoderParts:
-    """The parts' configurations of a model built from the dual vision encoder and a Qwen2 (MVP-LM's, REF-VLM's):
-    a configuration with ``vision_config``, ``convnext_config`` and ``text_config`` dicts and ``low_resolution``."""
+    """The parts' configurations of a model built from the dual vision encoder and a Qwen2 (ChatRex's, MVP-LM's,
+    REF-VLM's): a configuration with ``vision_config``, ``convnext_config`` and ``text_config`` dicts and
+    ``low_resolution``."""
 
     vision_config: dict
     convnext_config: dict
@@ -36,6 +37,7 @@ class DualEncoderParts:
 
     @property
     def image_grid(self) -> int:
+        """Image tokens per side: the ViT's patch grid (the ConvNeXt map is pooled to it)."""
         v = self.vision()
         return int(v.image_size) // int(v.patch_size)  # type: ignore[arg-type]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -25,32 +25,18 @@ from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration
 from perceive.models.mvp.processing_mvp import MvpProcessor, target_masks
 from perceive.tokenization import IMAGE, build_world_tokenizer, words_of
 from perceive.train.data import RecordStream
-from perceive.train.task_batches import TaskBatches, train_one_stage
+from perceive.train.task_batches import OneStageRecipe, TaskBatches, train_one_stage
 
 TASK_WEIGHTS = {"panoptic": 3.0, "detect": 2.0, "ground": 1.0, "refer": 4.0}
 TEMPLATE_TEXTS = (WORD_TASK, SENTENCE_TASK, f". {RESULT_LEAD}", ", ")
 
 
 @dataclass
-class MvpRecipe:
+class MvpRecipe(OneStageRecipe):
+    known_tasks: ClassVar[tuple[str, ...]] = MVP_TASKS
     model: str = "mvp-tiny"
     steps: int = 1600
-    batch_size: int = 8
-    lr: float = 8e-4
-    warmup: int = 100
     tasks: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
-    world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
-    checkpoint_every: int = 100
-    vocabulary_scenes: int = 300  # world scenes whose words the tokenizer is built over (training on the world)
-    seed: int = 0
-    # "bf16" (autocast; weights and optimizer stay float32) or "fp32"; a CPU without bf16 falls back to fp32
-    precision: str = "bf16"
-    overrides: dict = field(default_factory=dict)  # configuration fields changed from the named size
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.tasks) - set(MVP_TASKS))
-        if unknown or not any(w > 0 for w in self.tasks.values()):
-            raise ValueError(f"tasks must weigh some of {MVP_TASKS}, got {self.tasks}")
 
 
 MVP_RECIPES = {

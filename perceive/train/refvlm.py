@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -23,32 +23,18 @@ from perceive.models.refvlm.modeling_refvlm import RefVlmForConditionalGeneratio
 from perceive.models.refvlm.processing_refvlm import REFVLM_TOKENS, RefVlmProcessor
 from perceive.tokenization import EOS, IMAGE, build_world_tokenizer, words_of
 from perceive.train.data import RecordStream
-from perceive.train.task_batches import TaskBatches, train_one_stage
+from perceive.train.task_batches import OneStageRecipe, TaskBatches, train_one_stage
 
 TASK_WEIGHTS = {"refer_box": 3.0, "refer_mask": 2.0, "interactive": 3.0, "region": 1.0, "detect": 1.5,
                 "segment": 1.5, "keypoint": 1.5, "caption": 1.0}  # fmt: skip
 
 
 @dataclass
-class RefVlmRecipe:
+class RefVlmRecipe(OneStageRecipe):
+    known_tasks: ClassVar[tuple[str, ...]] = REFVLM_TASKS
     model: str = "refvlm-tiny"
     steps: int = 1500
-    batch_size: int = 8
-    lr: float = 8e-4
-    warmup: int = 100
     tasks: dict[str, float] = field(default_factory=lambda: dict(TASK_WEIGHTS))
-    world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
-    checkpoint_every: int = 100
-    vocabulary_scenes: int = 300  # world scenes whose words the tokenizer is built over (training on the world)
-    seed: int = 0
-    # "bf16" (autocast; weights and optimizer stay float32) or "fp32"; a CPU without bf16 falls back to fp32
-    precision: str = "bf16"
-    overrides: dict = field(default_factory=dict)  # configuration fields changed from the named size
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.tasks) - set(REFVLM_TASKS))
-        if unknown or not any(w > 0 for w in self.tasks.values()):
-            raise ValueError(f"tasks must weigh some of {REFVLM_TASKS}, got {self.tasks}")
 
 
 REFVLM_RECIPES = {

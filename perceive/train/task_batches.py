@@ -8,9 +8,9 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -18,6 +18,33 @@ import torch
 from perceive.data.records import ImageRecord
 from perceive.tokenization import load_tokenizer
 from perceive.train.data import RecordStream
+
+
+@dataclass
+class OneStageRecipe:
+    """A decoder model's recipe: one stage in which everything learns. A model's recipe sets its ``known_tasks`` and
+    its defaults for ``model``, ``steps`` and ``tasks``."""
+
+    known_tasks: ClassVar[tuple[str, ...]] = ()
+    model: str = ""
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 8e-4
+    warmup: int = 100
+    tasks: dict[str, float] = field(default_factory=dict)
+    world: dict = field(default_factory=lambda: {"size": 256, "person_share": 0.35, "relation_depth": 2})
+    checkpoint_every: int = 100
+    vocabulary_scenes: int = 300  # world scenes whose words the tokenizer is built over (training on the world)
+    seed: int = 0
+    # "bf16" (autocast; weights and optimizer stay float32) or "fp32"; a CPU without bf16 falls back to fp32
+    precision: str = "bf16"
+    overrides: dict = field(default_factory=dict)  # configuration fields changed from the named size
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(self.known_tasks))
+        if unknown or not any(w > 0 for w in self.tasks.values()):
+            raise ValueError(f"tasks must weigh some of {self.known_tasks}, got {self.tasks}")
+
 
 ATTEMPTS = 20  # records tried from one sample index before the data is said to pose none of the tasks
 
@@ -75,13 +102,14 @@ def learning_rate(step: int, steps: int, warmup: int, peak: float) -> float:
 
 
 def train_one_stage(
-    name: str, recipe: Any, out: Path, build_tokenizer: Callable[[list[str]], Any], added_tokens: Sequence[str],
-    build: Callable[[Any, RecordStream], tuple[torch.nn.Module, TaskBatches]], progress: bool = True,
-    stop_after: int | None = None, files: RecordStream | None = None, data: str | Path | None = None,
+    name: str, recipe: OneStageRecipe, out: Path, build_tokenizer: Callable[[list[str]], Any],
+    added_tokens: Sequence[str], build: Callable[[Any, RecordStream], tuple[torch.nn.Module, TaskBatches]],
+    progress: bool = True, stop_after: int | None = None, files: RecordStream | None = None,
+    data: str | Path | None = None,
 ) -> Path:  # fmt: skip
     """A decoder model's one-stage recipe into ``out``, resuming whatever is there: the tokenizer built once over
     the world's texts (or the files'), ``build(tokenizer, records)`` gives the model and its batches; the model and
-    its tokenizer are saved in ``out/model`` at the end. ``recipe`` has the fields of MVP-LM's and REF-VLM's."""
+    its tokenizer are saved in ``out/model`` at the end."""
     from perceive.train.checkpoint import atomic_folder
     from perceive.train.data import WorldStream
     from perceive.train.trainer import Distributed, _loop, autocast_dtype, data_vocabulary, loss_curve

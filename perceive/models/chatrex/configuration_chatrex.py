@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import copy
 
-from transformers import CLIPVisionConfig, ConvNextConfig, PretrainedConfig, Qwen2Config
+from transformers import PretrainedConfig
 
 from perceive.models.object_encoder import POOLINGS
 from perceive.models.upn.configuration_upn import UpnConfig
+from perceive.models.vision import DualEncoderParts
 
 # where each box's rank among the alike boxes of its image goes (perceive.models.chatrex.object_order)
 ORDER_EMBEDDINGS = ("none", "object_tokens", "pointer_keys", "pointer_reading")
 POINTER_ORDER_EMBEDDINGS = ("pointer_keys", "pointer_reading")  # those the pointer reads, from encode_visual
 
 
-class ChatRexConfig(PretrainedConfig):
+class ChatRexConfig(DualEncoderParts, PretrainedConfig):
     """The dual vision encoder (CLIP ViT at low resolution for image tokens, ConvNeXt at high resolution
     for object features), the object encoder, a Qwen2 language model that answers with box indices, and
     the UPN's configuration (``upn_config``). What each choice measured: ``docs/experiments/chatrex.md``.
@@ -191,25 +192,8 @@ class ChatRexConfig(PretrainedConfig):
         out["attribute_heads"] = [[k, v] for k, v in self.attribute_heads.items()]
         return out
 
-    def vision(self) -> CLIPVisionConfig:
-        return CLIPVisionConfig(**{**self.vision_config, "image_size": self.low_resolution})
-
-    def convnext(self) -> ConvNextConfig:
-        cfg = dict(self.convnext_config)
-        cfg.setdefault("num_stages", len(cfg.get("depths", [3, 3, 9, 3])))
-        return ConvNextConfig(**cfg)
-
-    def text(self) -> Qwen2Config:
-        return Qwen2Config(**self.text_config)
-
     def upn(self) -> UpnConfig:
         return UpnConfig(**self.upn_config)
-
-    @property
-    def image_grid(self) -> int:
-        """Image tokens per side: the ViT's patch grid (the ConvNeXt map is pooled to it)."""
-        v = self.vision()
-        return int(v.image_size) // int(v.patch_size)  # type: ignore[arg-type]
 
 
 TINY = {

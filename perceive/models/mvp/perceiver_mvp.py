@@ -36,7 +36,7 @@ from perceive.models.folder_checks import (
     weight_shapes,
 )
 from perceive.models.generation import CACHE_ARGUMENT, output_cache
-from perceive.models.image_processing import ImageFrame
+from perceive.models.image_processing import EncodedImage, ImageFrame, encode_images
 from perceive.models.mvp.configuration_mvp import MvpConfig
 from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration, Predictions, xyxy_boxes
 from perceive.models.mvp.processing_mvp import MvpProcessor, masks_to_image
@@ -45,13 +45,6 @@ from perceive.prompts import VisualPrompt
 from perceive.tokenization import IMAGE, detokenize, load_tokenizer
 
 MAX_CAPTION_TOKENS = 40
-
-
-@dataclass
-class EncodedImage:
-    array: np.ndarray
-    frame: ImageFrame
-    image: dict  # the model's encode_image output for this image alone
 
 
 @dataclass
@@ -113,12 +106,7 @@ class MvpPerceiver(Perceiver):
     # -- encoding and decoding ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_batch(self, images: list, boxes: list | None = None) -> list[EncodedImage]:
-        arrays = [load_image(im) for im in images]
-        out = []
-        for arr in arrays:
-            pixels, frames = self.processor.images([arr])
-            out.append(EncodedImage(arr, frames[0], self.model.encode_image(pixels["pixel_low"], pixels["pixel_high"])))
-        return out
+        return encode_images(images, self.processor, self.model)
 
     @torch.no_grad()
     def decode(self, encoded: EncodedImage, instruction: Instruction) -> Decoded:

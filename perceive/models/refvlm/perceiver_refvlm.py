@@ -23,7 +23,6 @@ from perceive.answer import Answer, GroundedObject
 from perceive.boxes import mask_to_rle
 from perceive.data.tasks_refvlm import RefVlmItem
 from perceive.formats import refvlm as trp
-from perceive.images import load_image
 from perceive.models.folder_checks import (
     build_config,
     check_token_ids,
@@ -32,7 +31,7 @@ from perceive.models.folder_checks import (
     weight_shapes,
 )
 from perceive.models.generation import CACHE_ARGUMENT, generate, output_cache
-from perceive.models.image_processing import ImageFrame
+from perceive.models.image_processing import EncodedImage, ImageFrame, encode_images
 from perceive.models.mvp.processing_mvp import masks_to_image
 from perceive.models.refvlm.configuration_refvlm import RefVlmConfig
 from perceive.models.refvlm.grammar_refvlm import Part, TrpGrammar, TrpState
@@ -43,13 +42,6 @@ from perceive.prompts import VisualPrompt
 from perceive.tokenization import IMAGE, detokenize, load_tokenizer
 
 MAX_NEW_TOKENS = 320
-
-
-@dataclass
-class EncodedImage:
-    array: np.ndarray
-    frame: ImageFrame
-    image: dict  # the model's encode_image output for this image alone
 
 
 @dataclass
@@ -130,12 +122,7 @@ class RefVlmPerceiver(Perceiver):
     # -- encoding ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_batch(self, images: list, boxes: list | None = None) -> list[EncodedImage]:
-        out = []
-        for im in images:
-            arr = load_image(im)
-            pixels, frames = self.processor.images([arr])
-            out.append(EncodedImage(arr, frames[0], self.model.encode_image(pixels["pixel_low"], pixels["pixel_high"])))
-        return out
+        return encode_images(images, self.processor, self.model)
 
     # -- answers ---------------------------------------------------------------------------------------------------
     def ask_batch(
