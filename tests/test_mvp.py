@@ -39,8 +39,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    return build_mvp_model("mvp-tiny", tokenizer, **SMOKE.overrides)
+    torch.manual_seed(0)  # text_cross_attention on: its parts are exercised with everything else
+    return build_mvp_model("mvp-tiny", tokenizer, **SMOKE.overrides, text_cross_attention=True)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +169,7 @@ def test_forward_backward_and_save_load_parity(model, tokenizer, folder):
     assert set(out.losses) == {"lm", "class", "mask", "dice", "l1", "giou"}
     out.loss.backward()
     assert model.per_mlp.layers[0].weight.grad is not None and model.pixel_decoder.lateral[0].weight.grad is not None
+    assert model.layers[0].text_cross.in_proj_weight.grad is not None
     model.zero_grad()
     p = out.predictions[-1]
     q = model.config.num_queries
@@ -180,6 +181,16 @@ def test_forward_backward_and_save_load_parity(model, tokenizer, folder):
     with torch.no_grad():
         a, b = model(**inputs).predictions[-1], loaded(**inputs).predictions[-1]
     assert torch.allclose(a.masks, b.masks, atol=1e-5) and torch.allclose(a.boxes, b.boxes, atol=1e-6)
+
+
+def test_the_decoder_reads_the_instructions_tokens_and_nothing_else(model):
+    hidden = torch.randn(2, 7, model.config.text().hidden_size)
+    spans = torch.tensor([[[1, 3], [4, 5]], [[2, 6], [0, 0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    tokens, padding = model.instruction_tokens(hidden, spans, valid)
+    assert padding.tolist() == [[False, False, False, True], [False] * 4]
+    assert torch.allclose(tokens[0, :3], model.word_proj(hidden[0, [1, 2, 4]]), atol=1e-6)
+    assert torch.allclose(tokens[1], model.word_proj(hidden[1, 2:6]), atol=1e-6)
 
 
 def test_a_tiny_model_learns(tokenizer):

@@ -52,8 +52,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    return build_refvlm_model("refvlm-tiny", tokenizer, **SMOKE.overrides)
+    torch.manual_seed(0)  # query_seed on: its parts and loss are exercised with everything else
+    return build_refvlm_model("refvlm-tiny", tokenizer, **SMOKE.overrides, query_seed=True)
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +253,11 @@ def test_forward_backward_routes_every_unit_and_save_load_parity(model, tokenize
     batch = b.batch([0, 1, 2, 3])
     model.train()
     out = model(**batch)
-    assert set(out.losses) == {"lm", "box", "mask", "keypoint"} and torch.isfinite(out.loss)
+    assert set(out.losses) == {"lm", "box", "mask", "keypoint", "grounding"} and torch.isfinite(out.loss)
     out.loss.backward()
     for u in ("box", "mask", "keypoint"):
         assert model.decoders[u].in_proj.layers[0].weight.grad is not None, u
+    assert model.selector.layers[0].weight.grad is not None and model.memory_key.weight.grad is not None
     model.zero_grad()
     only_boxes = batches(model, tokenizer, {"refer_box": 1.0}).batch([0, 1])
     out = model(**only_boxes)
@@ -270,6 +271,46 @@ def test_forward_backward_routes_every_unit_and_save_load_parity(model, tokenize
     with torch.no_grad():
         a, c = model(**inputs).units["mask"].layers[-1], loaded(**inputs).units["mask"].layers[-1]
     assert torch.allclose(a.masks, c.masks, atol=1e-5)
+
+
+def test_query_seeds_point_at_the_phrases_targets_and_the_prompts(model):
+    from perceive.models.refvlm.modeling_refvlm import Selection
+
+    torch.manual_seed(0)
+    cfg = model.config
+    image = model.encode_image(torch.rand(1, 3, cfg.low_resolution, cfg.low_resolution),
+                               torch.rand(1, 3, cfg.high_resolution, cfg.high_resolution))  # fmt: skip
+    sizes = image["memory_sizes"]
+    m = int(sizes.prod(-1).sum())
+    assert image["memory"].shape[1] == m
+    # two phrases: <REF> 0 and 1 belong to phrase 0 (targets 0 and 1), <REF> 2 to phrase 1 (target 2, a box only)
+    masks = torch.zeros(3, 32, 32)
+    masks[0, :16, :16] = 1
+    masks[1, 16:, 16:] = 1
+    t = {
+        "boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5], [0.25, 0.75, 0.5, 0.5]]),
+        "masks": masks,
+        "has_mask": torch.tensor([True, True, False]),
+        "groups": torch.tensor([0, 0, 1]),
+        "ref_groups": torch.tensor([0, 0, 1]),
+    }
+    cover = torch.stack([masks[0], masks[1], torch.zeros(32, 32)])
+    cover[2, 16:, :16] = 1  # the box's area
+    goal = model.memory_maps(cover, sizes)
+    union = torch.stack([torch.maximum(goal[0], goal[1]), torch.maximum(goal[0], goal[1]), goal[2]])
+    right = Selection([(union * 2 - 1) * 30], [torch.zeros(3, cfg.decoder_dim)])
+    wrong = Selection([(1 - union * 2) * 30], [torch.zeros(3, cfg.decoder_dim)])
+    assert float(model.grounding_loss(right, sizes, [t])) < 1e-3 < float(model.grounding_loss(wrong, sizes, [t]))
+    # a <REF> starts from the memory its scores select, plus the memory inside the question's visual prompts
+    states = [torch.randn(2, cfg.text().hidden_size)]
+    plain = model.select(states, image)
+    r = cfg.prompt_resolution
+    left, right_half = torch.zeros(1, r, r), torch.zeros(1, r, r)
+    left[:, :, : r // 2], right_half[:, :, r // 2 :] = 1, 1
+    a, b = model.select(states, image, [left]), model.select(states, image, [right_half])
+    assert torch.allclose(plain.scores[0], a.scores[0]) and not torch.allclose(a.seeds[0], b.seeds[0])
+    w = model.memory_maps(left, sizes)[0]
+    assert torch.allclose(a.seeds[0] - plain.seeds[0], (w / w.sum()) @ image["memory"][0], atol=1e-5)
 
 
 def test_a_tiny_model_learns(tokenizer):

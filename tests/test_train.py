@@ -166,6 +166,10 @@ def test_info_cli():
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert 7.5e9 < info["language model"] < 7.7e9 and info["total"] > 8e9
+    memory = info["memory_gib"]  # bytes per parameter: 2 answering in bf16, 16 training with AdamW
+    assert memory["answer bf16"] == pytest.approx(info["total"] * 2 / 2**30)
+    assert memory["train bf16 mixed (AdamW)"] == pytest.approx(8 * memory["answer bf16"])
+    assert memory["train bf16 mixed, FSDP over 8 GPUs (per GPU)"] == pytest.approx(memory["answer bf16"])
 
 
 def test_the_benchmark_splits_are_apart_from_each_other_and_from_training():

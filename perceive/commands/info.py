@@ -1,4 +1,5 @@
-"""``perceive info --config NAME``: a named configuration's parameters, built on the meta device."""
+"""``perceive info --config NAME``: a named configuration's parameters, built on the meta device, and the memory its
+weights need to answer and to train at each precision."""
 
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ from perceive.commands import CliError
 
 # attribute heads come from the training data; a configuration alone is counted with COCO's 80 categories
 EXAMPLE_ATTRIBUTE_HEADS = {"category": 80}
+
+# bytes per parameter. Answering holds the weights alone. Training every parameter with AdamW holds, at float32,
+# weights, gradients and two moments (4 + 4 + 8); under bf16 mixed precision, bf16 weights and gradients beside
+# float32 master weights and moments (2 + 2 + 12: ZeRO's accounting, Rajbhandari et al. 2020). Activations, the
+# KV cache and the framework's workspace come on top and depend on the batch.
+BYTES_PER_PARAMETER = {"answer fp32": 4, "answer bf16": 2, "train fp32 (AdamW)": 16, "train bf16 mixed (AdamW)": 16}
+SHARDS = 8  # FSDP's full sharding splits weights, gradients and optimizer states evenly over the GPUs
+
+
+def memory_gib(parameters: int) -> dict[str, float]:
+    """GiB each use of ``parameters`` needs for its weights (and, training, gradients and optimizer states)."""
+    out = {k: parameters * b / 2**30 for k, b in BYTES_PER_PARAMETER.items()}
+    out[f"train bf16 mixed, FSDP over {SHARDS} GPUs (per GPU)"] = out["train bf16 mixed (AdamW)"] / SHARDS
+    return out
+
+
+def print_memory(parameters: int, width: int) -> None:
+    print("memory for the weights (activations, KV cache and workspace come on top):")
+    for k, gib in memory_gib(parameters).items():
+        print(f"  {k:{width}s} {gib:10.2f} GiB")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -42,7 +63,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows.insert(3, ("projectors and object encoder", projectors))
     total = sum(n for _, n in rows)
     if args.json:
-        json.dump({"config": args.config, **{k: n for k, n in rows}, "total": total}, sys.stdout)
+        json.dump({"config": args.config, **{k: n for k, n in rows}, "total": total, "memory_gib": memory_gib(total)},
+                  sys.stdout)  # fmt: skip
         print()
         return 0
     print(
@@ -53,6 +75,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, n in rows:
         print(f"  {k:32s} {n / 1e6:10.2f} M")
     print(f"  {'total':32s} {total / 1e6:10.2f} M")
+    print_memory(total, 44)
     return 0
 
 
@@ -85,7 +108,8 @@ def _decoder_model_info(args: argparse.Namespace) -> int:
                      if not n.startswith(("vision.", "language_model.")))))  # fmt: skip
     total = sum(n for _, n in rows)
     if args.json:
-        json.dump({"config": args.config, **{k: n for k, n in rows}, "total": total}, sys.stdout)
+        json.dump({"config": args.config, **{k: n for k, n in rows}, "total": total, "memory_gib": memory_gib(total)},
+                  sys.stdout)  # fmt: skip
         print()
         return 0
     print(f"config {args.config} ({cfg.model_type}): images {cfg.low_resolution}px (ViT) / {cfg.high_resolution}px "
@@ -93,11 +117,16 @@ def _decoder_model_info(args: argparse.Namespace) -> int:
     for k, n in rows:
         print(f"  {k:44s} {n / 1e6:10.2f} M")
     print(f"  {'total':44s} {total / 1e6:10.2f} M")
+    print_memory(total, 44)
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    i = sub.add_parser("info", help="parameter counts of a named configuration (built on the meta device)")
+    i = sub.add_parser(
+        "info",
+        help="parameter counts of a named configuration (built on the meta device) and the "
+        "memory its weights need to answer and to train at each precision",
+    )
     i.add_argument("--config", default="tiny")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)

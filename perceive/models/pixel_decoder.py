@@ -1,5 +1,6 @@
-"""The dense parts the query decoders share (MVP-LM's, REF-VLM's): DETR's 2D sine positions, a small MLP, and an FPN
-pixel decoder giving per-pixel embeddings at stride 4 and the coarser levels as the queries' memory."""
+"""The dense parts the query decoders share (MVP-LM's, REF-VLM's): DETR's 2D sine positions, a small MLP, an FPN
+pixel decoder giving per-pixel embeddings at stride 4 and the coarser levels as the queries' memory, and the text
+tokens a decoder reads, left-aligned."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def left_aligned(states: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``states`` ``[B, L, H]`` at the positions ``keep`` ``[B, L]`` marks, moved to the front of each row: ``[B, N,
+    H]`` with its padding mask ``[B, N]`` (N the most kept in a row; a row that keeps nothing leaves its first slot
+    unmasked, so that attention always has a key)."""
+    counts = keep.sum(1)
+    width = max(1, int(counts.max())) if len(counts) else 1
+    out = states.new_zeros((states.shape[0], width, states.shape[-1]))
+    padding = torch.ones((states.shape[0], width), dtype=torch.bool, device=states.device)
+    for b in range(states.shape[0]):
+        n = int(counts[b])
+        out[b, :n] = states[b, keep[b]]
+        padding[b, :n] = False
+    padding[padding.all(-1), 0] = False
+    return out, padding
 
 
 def sine_positions(h: int, w: int, dim: int, device: torch.device) -> torch.Tensor:

@@ -30,6 +30,8 @@ class MvpConfig(DualEncoderParts, PretrainedConfig):
             released code and the paper's "Caption dagger" ablation).
         text_layers: a name's embedding averages its tokens' states of the ``"last"`` layer (the paper) or of
             ``"all"`` layers and the input embeddings (the released code).
+        text_cross_attention: every decoder layer also attends to the instruction's token states (the category
+            names' or the sentence's), not only to their pooled embeddings; False is the paper's form.
         no_object_weight: the weight of the background class in the word classification loss.
         class_weight, mask_weight, dice_weight, l1_weight, giou_weight: matching costs and loss weights.
         lm_loss_weight: the weight of the response's language-model loss.
@@ -57,6 +59,7 @@ class MvpConfig(DualEncoderParts, PretrainedConfig):
         stuff_queries: int = 8,
         query_enhancement: str = "paper",
         text_layers: str = "last",
+        text_cross_attention: bool = False,
         no_object_weight: float = 0.1,
         class_weight: float = 2.0,
         mask_weight: float = 5.0,
@@ -95,6 +98,7 @@ class MvpConfig(DualEncoderParts, PretrainedConfig):
         self.stuff_queries = stuff_queries
         self.query_enhancement = query_enhancement
         self.text_layers = text_layers
+        self.text_cross_attention = text_cross_attention
         self.no_object_weight = no_object_weight
         self.class_weight = class_weight
         self.mask_weight = mask_weight

@@ -11,11 +11,12 @@ every target's class, box and mask.
    token is scored against the text embeddings and the top ``thing_queries`` are selected; a thing query is its
    base query plus its selected feature (``query_enhancement="paper"``) or the feature alone (``"selected"``, the
    released code). Stuff queries are base queries only.
-4. The decoder (Mask2Former's layers: masked cross-attention over the memory levels in turn, self-attention, a
-   feed-forward network; dense attention rather than the paper's deformable attention, which is slow on CPU) with
-   shared heads after every layer: similarity to the text embeddings (word: softmax over the categories and a
-   background entry; sentence: one sigmoid logit), a box (``cxcywh``, normalised to the square frame) and a mask
-   (query embedding dot per-pixel embeddings).
+4. The decoder (Mask2Former's layers: masked cross-attention over the memory levels in turn, with
+   ``text_cross_attention`` a cross-attention to the instruction's token states, self-attention, a feed-forward
+   network; dense attention rather than the paper's deformable attention, which is slow on CPU) with shared heads
+   after every layer: similarity to the text embeddings (word: softmax over the categories and a background entry;
+   sentence: one sigmoid logit), a box (``cxcywh``, normalised to the square frame) and a mask (query embedding dot
+   per-pixel embeddings).
 5. Training: Hungarian matching with thing queries matched to things only and stuff queries to stuff only; the
    losses of every layer and of the selected memory tokens (deep supervision), plus the response's LM loss.
 """
@@ -34,7 +35,7 @@ from transformers import PreTrainedModel, Qwen2ForCausalLM
 from perceive.boxes import convert
 from perceive.models.matching import HungarianMatcher, MatchWeights, box_losses, dice_loss, mask_bce_loss
 from perceive.models.mvp.configuration_mvp import MvpConfig
-from perceive.models.pixel_decoder import MLP, PixelDecoder, sine_positions
+from perceive.models.pixel_decoder import MLP, PixelDecoder, left_aligned, sine_positions
 from perceive.models.vision import DualVisionEncoder
 
 NEG = -1e4  # the logit of a category slot that does not exist in a sample's padded list
@@ -69,10 +70,13 @@ def token_anchors(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    """Masked cross-attention to one memory level, self-attention among the queries, a feed-forward network."""
+    """Masked cross-attention to one memory level, cross-attention to the instruction's tokens (when the decoder
+    reads them), self-attention among the queries, a feed-forward network."""
 
-    def __init__(self, dim: int, heads: int, ffn: int) -> None:
+    def __init__(self, dim: int, heads: int, ffn: int, reads_text: bool = False) -> None:
         super().__init__()
+        self.text_cross = nn.MultiheadAttention(dim, heads, batch_first=True) if reads_text else None
+        self.text_norm = nn.LayerNorm(dim) if reads_text else None
         self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
@@ -85,8 +89,13 @@ class DecoderLayer(nn.Module):
         memory: torch.Tensor,
         m_pos: torch.Tensor,
         blocked: torch.Tensor | None,
+        words: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         q = self.norms[0](q + self.cross(q + q_pos, memory + m_pos, memory, attn_mask=blocked, need_weights=False)[0])
+        if self.text_cross is not None and self.text_norm is not None and words is not None:
+            tokens, padding = words
+            read = self.text_cross(q + q_pos, tokens, tokens, key_padding_mask=padding, need_weights=False)[0]
+            q = self.text_norm(q + read)
         k = q + q_pos
         q = self.norms[1](q + self.self_attn(k, k, q, need_weights=False)[0])
         return self.norms[2](q + self.ffn(q))
@@ -118,8 +127,10 @@ class MvpForConditionalGeneration(MvpPreTrainedModel):
         self.query_embed = nn.Embedding(config.num_queries, d)
         self.query_pos = nn.Embedding(config.num_queries, d)
         self.layers = nn.ModuleList(
-            DecoderLayer(d, config.decoder_heads, config.decoder_ffn) for _ in range(config.decoder_layers)
+            DecoderLayer(d, config.decoder_heads, config.decoder_ffn, config.text_cross_attention)
+            for _ in range(config.decoder_layers)
         )
+        self.word_proj = nn.Linear(lm_width, d) if config.text_cross_attention else None
         self.decoder_norm = nn.LayerNorm(d)
         self.class_proj = nn.Linear(d, d)
         self.background = nn.Parameter(torch.randn(d) * 0.02)
@@ -167,6 +178,17 @@ class MvpForConditionalGeneration(MvpPreTrainedModel):
         emb = F.normalize(self.text_proj(pooled.to(hidden.dtype)), dim=-1)
         return emb * span_valid[..., None]
 
+    def instruction_tokens(self, hidden: torch.Tensor, spans: torch.Tensor,
+                           span_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """What the decoder layers read of the instruction (``text_cross_attention``; None without it): the states
+        of every token inside a valid span, projected, left-aligned, with their padding mask."""
+        if self.word_proj is None:
+            return None
+        pos = torch.arange(hidden.shape[1], device=hidden.device)[None, None]
+        inside = (pos >= spans[..., :1]) & (pos < spans[..., 1:]) & span_valid[..., None]  # [B, C, L]
+        tokens, padding = left_aligned(hidden, inside.any(1))
+        return self.word_proj(tokens), padding
+
     # -- the decoder ------------------------------------------------------------------------------------------------
     def predict(
         self, q: torch.Tensor, mask_features: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
@@ -201,7 +223,10 @@ class MvpForConditionalGeneration(MvpPreTrainedModel):
     def decode(
         self, per_state: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, sentence: torch.Tensor,
         mask_features: torch.Tensor, memory: list[torch.Tensor],
+        words: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> list[Predictions]:  # fmt: skip
+        """Every prediction set: the selected memory tokens' and each layer's; the layers read ``words``
+        (``instruction_tokens``) when given."""
         cfg = self.config
         b, d = per_state.shape[0], cfg.decoder_dim
         flat, pos, sizes, anchors = [], [], [], []
@@ -229,7 +254,7 @@ class MvpForConditionalGeneration(MvpPreTrainedModel):
         for i, layer in enumerate(self.layers):
             at = i % len(flat)
             blocked = self._blocked(prev.masks, sizes[at])
-            q = layer(q, q_pos, flat[at], pos[at][None], blocked)
+            q = layer(q, q_pos, flat[at], pos[at][None], blocked, words)
             prev = self.predict(q, mask_features, text, text_valid, sentence, prev.boxes)
             outputs.append(prev)
         return outputs
@@ -260,8 +285,10 @@ class MvpForConditionalGeneration(MvpPreTrainedModel):
         hidden = lm.hidden_states[-1]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         per_state = hidden[rows, per_index]
-        text = self.text_embeddings(self.text_states(lm.hidden_states), spans, span_valid)
-        preds = self.decode(per_state, text, span_valid, sentence, image["mask_features"], image["memory"])  # type: ignore[arg-type]
+        states = self.text_states(lm.hidden_states)
+        text = self.text_embeddings(states, spans, span_valid)
+        words = self.instruction_tokens(states, spans, span_valid)
+        preds = self.decode(per_state, text, span_valid, sentence, image["mask_features"], image["memory"], words)  # type: ignore[arg-type]
         losses: dict[str, torch.Tensor] = {}
         loss = None
         if labels is not None:

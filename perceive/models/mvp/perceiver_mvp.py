@@ -149,7 +149,9 @@ class MvpPerceiver(Perceiver):
         valid = torch.ones((1, len(spans)), dtype=torch.bool)
         sentence = torch.tensor([instruction.kind == "sentence"])
         text = model.text_embeddings(prompt_states, span_t, valid)
-        preds = model.decode(per_state, text, valid, sentence, encoded.image["mask_features"], encoded.image["memory"])
+        words = model.instruction_tokens(prompt_states, span_t, valid)
+        preds = model.decode(per_state, text, valid, sentence, encoded.image["mask_features"], encoded.image["memory"],
+                             words)  # fmt: skip
         response = detokenize(self.tokenizer.convert_ids_to_tokens([*written, *tail]))
         caption = detokenize(self.tokenizer.convert_ids_to_tokens(written)).strip().rstrip(".").strip()
         return Decoded(response, caption, preds[-1], problems)

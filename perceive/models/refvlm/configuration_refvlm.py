@@ -29,11 +29,15 @@ class RefVlmConfig(DualEncoderParts, PretrainedConfig):
         text_cross_attention: the unit decoders also attend to the language model's states (averaged over its layers)
             of the question and the answer, beside the image; False is the paper's form, where the ``<REF>`` state is
             all the decoders read of the text (``docs/experiments/refvlm.md``: from scratch it did not learn).
+        query_seed: each ``<REF>`` query starts from the image memory its state selects (a softmax over the memory
+            tokens, trained to point at the phrase's targets) plus the memory inside the visual prompts: MVP-LM's
+            query enhancement per ``<REF>``. False is the paper's form.
         box_readout: ``"regression"`` (the paper's DETR-style head: each query regresses its box) or ``"dense"``
             (the box decoder also paints its box's area over per-pixel embeddings; the box is that area's extent).
             Both heads train; this picks which one answers.
         num_keypoints: keypoints per person ``<REF>`` (COCO's 17).
         lm_loss_weight, box_loss_weight, mask_loss_weight, keypoint_loss_weight: the released code's 1 / 0.5 / 0.5 / 1.
+        grounding_loss_weight: the weight of ``query_seed``'s selection loss (BCE + dice, like the masks').
         l1_weight, giou_weight, mask_bce_weight, dice_weight: the terms inside the box and mask losses (and costs).
         image_token_id, region_token_id, ref_token_id: the tokenizer's ids of ``<image>``, ``<region>``, ``<REF>``.
     """
@@ -55,12 +59,14 @@ class RefVlmConfig(DualEncoderParts, PretrainedConfig):
         decoder_heads: int = 4,
         decoder_ffn: int = 256,
         text_cross_attention: bool = True,
+        query_seed: bool = False,
         box_readout: str = "dense",
         num_keypoints: int = 17,
         lm_loss_weight: float = 1.0,
         box_loss_weight: float = 0.5,
         mask_loss_weight: float = 0.5,
         keypoint_loss_weight: float = 1.0,
+        grounding_loss_weight: float = 0.5,
         l1_weight: float = 5.0,
         giou_weight: float = 2.0,
         mask_bce_weight: float = 5.0,
@@ -92,12 +98,14 @@ class RefVlmConfig(DualEncoderParts, PretrainedConfig):
         self.decoder_heads = decoder_heads
         self.decoder_ffn = decoder_ffn
         self.text_cross_attention = text_cross_attention
+        self.query_seed = query_seed
         self.box_readout = box_readout
         self.num_keypoints = num_keypoints
         self.lm_loss_weight = lm_loss_weight
         self.box_loss_weight = box_loss_weight
         self.mask_loss_weight = mask_loss_weight
         self.keypoint_loss_weight = keypoint_loss_weight
+        self.grounding_loss_weight = grounding_loss_weight
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
         self.mask_bce_weight = mask_bce_weight

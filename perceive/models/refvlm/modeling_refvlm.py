@@ -15,12 +15,17 @@ in TRP triplets; the last-layer hidden state of every ``<REF>`` becomes a query 
    (BCE + dice; ``box_readout="dense"`` reads the box from it); mask: query dot per-pixel embeddings (BCE + dice);
    keypoint: one query-conditioned heatmap per keypoint over the per-pixel embeddings (cross-entropy at the labelled
    point) and a visibility logit.
-5. Parallel grouped Hungarian matching: the ``<REF>`` s of one phrase are matched with that phrase's targets only,
+5. With ``query_seed`` (the third attempt, ``docs/experiments/refvlm.md``): MVP-LM's query enhancement per ``<REF>``.
+   Each ``<REF>`` state scores every memory token; the softmax of the scores pools the memory into the query's start
+   (plus the memory inside the sample's visual prompts), and the scores learn where the ``<REF>`` s phrase's targets
+   are (BCE + dice against their masks, or their boxes' areas, at the memory's resolution).
+6. Parallel grouped Hungarian matching: the ``<REF>`` s of one phrase are matched with that phrase's targets only,
    by the summed costs of the decoders their unit names (``perceive.models.matching``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +43,7 @@ from perceive.models.matching import (
     mask_bce_cost,
     mask_bce_loss,
 )
-from perceive.models.pixel_decoder import MLP, PixelDecoder, sine_positions
+from perceive.models.pixel_decoder import MLP, PixelDecoder, left_aligned, sine_positions
 from perceive.models.refvlm.configuration_refvlm import RefVlmConfig
 from perceive.models.vision import DualVisionEncoder
 
@@ -64,6 +69,15 @@ class Routed:
 
     index: list[list[int]]
     layers: list[UnitPredictions] = field(default_factory=list)  # one per decoder layer; the last is final
+
+
+@dataclass
+class Selection:
+    """Per sample: ``scores`` ``[R, M]`` each ``<REF>``'s logits over the memory tokens, ``seeds`` ``[R, D]`` the
+    memory they pool (plus the visual prompts'), where the ``<REF>`` queries start."""
+
+    scores: list[torch.Tensor]
+    seeds: list[torch.Tensor]
 
 
 @dataclass
@@ -130,9 +144,9 @@ class UnitDecoder(nn.Module):
 
     def forward(
         self, refs: torch.Tensor, padding: torch.Tensor, memory: torch.Tensor, m_pos: torch.Tensor,
-        text: torch.Tensor | None = None, text_padding: torch.Tensor | None = None,
+        text: torch.Tensor | None = None, text_padding: torch.Tensor | None = None, start: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:  # fmt: skip
-        q = self.in_proj(refs)
+        q = self.in_proj(refs) if start is None else self.in_proj(refs) + start
         out = []
         for layer in self.layers:
             q = layer(q, memory, m_pos, padding, text, text_padding)
@@ -160,6 +174,8 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
         self.level_embed = nn.Embedding(len(self.vision.pyramid_channels) - 1, d)
         self.decoders = nn.ModuleDict({u: UnitDecoder(lm_width, config) for u in UNITS})
         self.text_proj = nn.Linear(lm_width, d) if config.text_cross_attention else None
+        self.selector = MLP([lm_width, d, d]) if config.query_seed else None
+        self.memory_key = nn.Linear(d, d) if config.query_seed else None
         self.box_head = MLP([d, d, d, 4])
         self.area_head = MLP([d, d, d])
         self.mask_head = MLP([d, d, d])
@@ -184,8 +200,15 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
             h, w = level.shape[-2:]
             flat.append(level.flatten(2).transpose(1, 2))
             pos.append(sine_positions(h, w, level.shape[1], level.device).to(level.dtype) + self.level_embed.weight[i])
+        sizes = torch.tensor([level.shape[-2:] for level in memory])
         return {"image_tokens": self.projector(tokens), "globals": globals_, "mask_features": mask_features,
-                "memory": torch.cat(flat, 1), "memory_pos": torch.cat(pos, 0)[None]}  # fmt: skip
+                "memory": torch.cat(flat, 1), "memory_pos": torch.cat(pos, 0)[None], "memory_sizes": sizes}  # fmt: skip
+
+    def memory_maps(self, maps: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """``[N, M]``: ``[N, H, W]`` maps averaged over each memory level's cells (``sizes`` ``[L, 2]``), flattened
+        in the memory's order."""
+        x = maps.float()[:, None]
+        return torch.cat([F.adaptive_avg_pool2d(x, (int(h), int(w))).flatten(1) for h, w in sizes], 1)
 
     def region_tokens(self, globals_: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Mask-guided aggregation of one image's ``[C, R, R]`` global features by ``[P, R, R]`` prompt masks:
@@ -239,15 +262,7 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
         decoders read no text."""
         if self.text_proj is None:
             return None
-        counts = keep.sum(1)
-        width = max(1, int(counts.max())) if len(counts) else 1
-        text = states.new_zeros((states.shape[0], width, states.shape[-1]))
-        padding = torch.ones((states.shape[0], width), dtype=torch.bool, device=states.device)
-        for b in range(states.shape[0]):
-            n = int(counts[b])
-            text[b, :n] = states[b, keep[b]]
-            padding[b, :n] = False
-        padding[padding.all(-1), 0] = False  # never a row of nothing to attend to
+        text, padding = left_aligned(states, keep)
         return self.text_proj(text), padding
 
     def text_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,11 +273,34 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
             keep &= input_ids != self.config.eos_token_id
         return keep if attention_mask is None else keep & attention_mask.bool()
 
+    def select(self, ref_states: list[torch.Tensor], image: dict[str, torch.Tensor],
+               prompt_masks: list[torch.Tensor] | None = None) -> Selection | None:  # fmt: skip
+        """Where each ``<REF>`` query starts (``query_seed``; None without it): the memory pooled by the softmax of
+        its state's scores over the memory tokens, plus the memory inside the sample's visual prompts (``[P, R, R]``
+        each, pooled together)."""
+        if self.selector is None or self.memory_key is None:
+            return None
+        memory = image["memory"]
+        keys = self.memory_key(memory)
+        scale = 1 / math.sqrt(keys.shape[-1])
+        scores, seeds = [], []
+        for b, states in enumerate(ref_states):
+            s = self.selector(states.to(keys.dtype)) @ keys[b].T * scale
+            seed = s.softmax(-1) @ memory[b]
+            masks = prompt_masks[b] if prompt_masks is not None else None
+            if masks is not None and len(masks):
+                w = self.memory_maps(masks.amax(0, keepdim=True), image["memory_sizes"])[0]
+                seed = seed + (w / w.sum().clamp(min=1e-6)).to(memory.dtype) @ memory[b]
+            scores.append(s)
+            seeds.append(seed)
+        return Selection(scores, seeds)
+
     def decode(self, ref_states: list[torch.Tensor], ref_units: list[torch.Tensor], image: dict[str, torch.Tensor],
-               text: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Routed]:  # fmt: skip
+               text: tuple[torch.Tensor, torch.Tensor] | None = None,
+               selection: Selection | None = None) -> dict[str, Routed]:  # fmt: skip
         """Run every unit decoder on the ``<REF>`` states routed to it (``ref_units[b]`` ``[R, 3]`` bool per REF:
-        box, mask, keypoint), reading ``text`` (``text_memory``) too. A decoder with no query still runs once on a
-        zero query (its outputs left empty)."""
+        box, mask, keypoint), reading ``text`` (``text_memory``) too, each query started at its ``selection`` seed
+        when given. A decoder with no query still runs once on a zero query (its outputs left empty)."""
         routed = self.route(ref_units)
         b = len(ref_states)
         width = ref_states[0].shape[-1] if b else self.config.text().hidden_size
@@ -270,14 +308,18 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
         for u, r in routed.items():
             q = max(1, max((len(i) for i in r.index), default=0))
             refs = feats.new_zeros((b, q, width))
+            start = feats.new_zeros((b, q, self.config.decoder_dim)) if selection is not None else None
             padding = torch.ones((b, q), dtype=torch.bool, device=feats.device)
             for s, idx in enumerate(r.index):
                 if idx:
                     refs[s, : len(idx)] = ref_states[s][idx].to(refs.dtype)
+                    if start is not None and selection is not None:
+                        start[s, : len(idx)] = selection.seeds[s][idx].to(start.dtype)
                     padding[s, : len(idx)] = False
             padding[padding.all(-1), 0] = False  # a sample with no query attends to its zero slot, never to nothing
             words, word_padding = text if text is not None else (None, None)
-            for state in self.decoders[u](refs, padding, image["memory"], image["memory_pos"], words, word_padding):
+            states = self.decoders[u](refs, padding, image["memory"], image["memory_pos"], words, word_padding, start)
+            for state in states:
                 r.layers.append(self.heads(u, state, feats))
         return routed
 
@@ -320,14 +362,18 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
                 raise ValueError(f"sample {b} has {len(states)} <REF> tokens but {len(units)} units")
         mean_states = torch.stack(lm.hidden_states).mean(0)
         text = self.text_memory(mean_states, self.text_positions(input_ids, attention_mask))
-        routed = self.decode(ref_states, ref_units, image, text)
+        selection = self.select(ref_states, image, prompt_masks)
+        routed = self.decode(ref_states, ref_units, image, text, selection)
         losses: dict[str, torch.Tensor] = {}
         loss = None
         if labels is not None:
             losses["lm"] = lm.loss
             loss = self.config.lm_loss_weight * lm.loss
         if targets is not None:
-            for name, value in self.unit_losses(routed, ref_units, targets).items():
+            found = self.unit_losses(routed, ref_units, targets)
+            if selection is not None:
+                found["grounding"] = self.grounding_loss(selection, image["memory_sizes"], targets)
+            for name, value in found.items():
                 losses[name] = value
                 loss = value if loss is None else loss + value
         return RefVlmOutput(loss, losses, routed, lm.logits, ref_states)
@@ -390,6 +436,28 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
             idle = sum(v.sum() for p in routed[u].layers for v in vars(p).values() if v is not None) * 0.0
             out[u] = weights[u] * total[u] / max(1, counts[u]) + idle
         return out
+
+    def grounding_loss(self, selection: Selection, sizes: torch.Tensor,
+                       targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:  # fmt: skip
+        """The selection scores' BCE + dice against where each ``<REF>``'s phrase's targets are (their masks, or
+        their boxes' areas for targets without one) on the memory's cells, averaged over the ``<REF>`` s."""
+        cfg = self.config
+        total = selection.scores[0].new_zeros((), dtype=torch.float32) if selection.scores else torch.zeros(())
+        count = 0
+        for scores, t in zip(selection.scores, targets, strict=True):
+            if not len(scores) or not len(t["boxes"]):
+                total = total + scores.sum() * 0.0
+                continue
+            size = t["masks"].shape[-1]
+            cover = torch.where(t["has_mask"][:, None, None], t["masks"].float(), box_area_targets(t["boxes"], size))
+            maps = self.memory_maps(cover, sizes)  # [T, M]
+            same = (t["ref_groups"][:, None] == t["groups"][None]).float()  # [R, T]
+            goal = (maps[None] * same[..., None]).amax(1)  # [R, M]: the union of the phrase's targets
+            logits = scores.float()
+            total = total + cfg.mask_bce_weight * mask_bce_loss(logits, goal)
+            total = total + cfg.dice_weight * dice_loss(logits, goal)
+            count += len(scores)
+        return cfg.grounding_loss_weight * total / max(1, count)
 
     def pair_loss(self, unit: str, p: UnitPredictions, b: int, qs: torch.Tensor, ts: torch.Tensor,
                   t: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip

@@ -171,7 +171,8 @@ class RefVlmPerceiver(Perceiver):
         # every fed token's layer-averaged state: the prompt's and each generated token's (the end token is never fed)
         means = torch.cat([session.prompt_means, *[m[None] for m in session.means[: len(tokens)]]])[None]
         ids = torch.tensor([prompt_ids + tokens])
-        decoded = self.decode_refs(text, states, encoded, self.model.text_memory(means, self.model.text_positions(ids)))
+        words = self.model.text_memory(means, self.model.text_positions(ids))
+        decoded = self.decode_refs(text, states, encoded, words, masks)
         decoded.tokens = list(tokens)
         return decoded
 
@@ -187,7 +188,7 @@ class RefVlmPerceiver(Perceiver):
                                         output_hidden_states=True)  # fmt: skip
         states = out.hidden_states[-1][0, ids[0] == self.processor.pieces.ref]
         text = self.model.text_memory(torch.stack(out.hidden_states).mean(0), self.model.text_positions(ids))
-        return self.decode_refs(self.render(self.state_after(answer.ids[:-1])), states, encoded, text)
+        return self.decode_refs(self.render(self.state_after(answer.ids[:-1])), states, encoded, text, masks)
 
     def state_after(self, tokens: list[int]) -> TrpState:
         """The grammar's state after ``tokens`` (which it must allow)."""
@@ -197,9 +198,10 @@ class RefVlmPerceiver(Perceiver):
         return state
 
     def decode_refs(self, text: str, states: torch.Tensor | None, encoded: EncodedImage,
-                    words: tuple[torch.Tensor, torch.Tensor] | None = None) -> Decoded:  # fmt: skip
+                    words: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    prompt_masks: torch.Tensor | None = None) -> Decoded:  # fmt: skip
         """Parse ``text`` and run the decoders on the ``<REF>`` states (``[R, H]``, in order), reading ``words``
-        (the model's ``text_memory``) too."""
+        (the model's ``text_memory``) and the question's visual prompts (``[P, R, R]``) too."""
         parsed = trp.parse(text)
         problems = list(parsed.problems)
         units: list[tuple[str, ...]] = [()] * parsed.num_refs
@@ -214,8 +216,9 @@ class RefVlmPerceiver(Perceiver):
             problems.append(f"the answer has {parsed.num_refs} <REF> in its text but {n} states")
             units, phrases = units[:n], phrases[:n]
         ref_states = [states if states is not None else torch.zeros((0, self.config.text().hidden_size))]
-        routed = self.model.decode(ref_states[:1] if n else [ref_states[0][:0]], [units_tensor(units)],
-                                   encoded.image, words)  # fmt: skip
+        refs = ref_states[:1] if n else [ref_states[0][:0]]
+        selection = self.model.select(refs, encoded.image, None if prompt_masks is None else [prompt_masks])
+        routed = self.model.decode(refs, [units_tensor(units)], encoded.image, words, selection)
         return Decoded(text, parsed, units, phrases, routed, problems)
 
     def render(self, state: TrpState) -> str:
