@@ -146,7 +146,9 @@ class UnitDecoder(nn.Module):
         self, refs: torch.Tensor, padding: torch.Tensor, memory: torch.Tensor, m_pos: torch.Tensor,
         text: torch.Tensor | None = None, text_padding: torch.Tensor | None = None, start: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:  # fmt: skip
-        q = self.in_proj(refs) if start is None else self.in_proj(refs) + start
+        q = self.in_proj(refs)
+        if start is not None:
+            q = q + start
         out = []
         for layer in self.layers:
             q = layer(q, memory, m_pos, padding, text, text_padding)
@@ -453,11 +455,15 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
             maps = self.memory_maps(cover, sizes)  # [T, M]
             same = (t["ref_groups"][:, None] == t["groups"][None]).float()  # [R, T]
             goal = (maps[None] * same[..., None]).amax(1)  # [R, M]: the union of the phrase's targets
-            logits = scores.float()
-            total = total + cfg.mask_bce_weight * mask_bce_loss(logits, goal)
-            total = total + cfg.dice_weight * dice_loss(logits, goal)
+            total = total + self.dense_loss(scores.float(), goal)
             count += len(scores)
         return cfg.grounding_loss_weight * total / max(1, count)
+
+    def dense_loss(self, logits: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """Summed over rows: BCE x ``mask_bce_weight`` + dice x ``dice_weight`` of ``[N, P]`` logits against ``[N, P]``
+        targets in [0, 1] (masks, box areas, the selection's cells)."""
+        cfg = self.config
+        return cfg.mask_bce_weight * mask_bce_loss(logits, goal) + cfg.dice_weight * dice_loss(logits, goal)
 
     def pair_loss(self, unit: str, p: UnitPredictions, b: int, qs: torch.Tensor, ts: torch.Tensor,
                   t: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
@@ -467,8 +473,7 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
             l1, giou = box_losses(p.boxes[b, qs].float(), t["boxes"][ts].float())
             area = box_area_targets(t["boxes"][ts], p.areas.shape[-1]).flatten(1)
             logits = p.areas[b, qs].flatten(1).float()
-            dense = cfg.mask_bce_weight * mask_bce_loss(logits, area) + cfg.dice_weight * dice_loss(logits, area)
-            return cfg.l1_weight * l1 + cfg.giou_weight * giou + dense
+            return cfg.l1_weight * l1 + cfg.giou_weight * giou + self.dense_loss(logits, area)
         if unit == "mask":
             assert p.masks is not None
             keep = t["has_mask"][ts]
@@ -476,7 +481,7 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
                 return p.masks.new_zeros(())
             logits = p.masks[b, qs[keep]].flatten(1).float()
             goal = t["masks"][ts[keep]].flatten(1).float()
-            return cfg.mask_bce_weight * mask_bce_loss(logits, goal) + cfg.dice_weight * dice_loss(logits, goal)
+            return self.dense_loss(logits, goal)
         assert p.heatmaps is not None and p.visible is not None
         return keypoint_loss(p.heatmaps[b, qs].float(), p.visible[b, qs].float(), t["keypoints"][ts].float())
 
