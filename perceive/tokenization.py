@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 MAX_OBJECTS = 100
 OBJ_TOKENS = tuple(f"<obj{k}>" for k in range(MAX_OBJECTS))
@@ -94,8 +95,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if world and vocabulary.name != "tokenizer.json":
         raise FileNotFoundError(f"{p} has no tokenizer (tokenizer.json)")
     try:
-        # the world tokenizer is loaded by its class: AutoTokenizer would read the model's config.json
-        tok = PreTrainedTokenizerFast.from_pretrained(str(p)) if world else AutoTokenizer.from_pretrained(str(p))
+        # loaded by the class the settings name (transformers' own; no code from the folder): AutoTokenizer would read
+        # the model's config.json, which is perceive's, not the tokenizer's
+        named = None if world else tokenizer_class_from_name(str(settings.get("tokenizer_class") or ""))
+        tok = (PreTrainedTokenizerFast if world else named or AutoTokenizer).from_pretrained(str(p))
     except Exception as e:  # the tokenizers library raises bare Exceptions for a malformed file
         raise ModelFolderError(f"{vocabulary} is not a tokenizer that loads: {one_line(e)}") from None
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
@@ -104,6 +107,32 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or UNK
     return tok
+
+
+def add_tokens(tokenizer, tokens: Iterable[str]) -> None:
+    """Add those of ``tokens`` that ``tokenizer`` does not spell as one token (a model's markup, and the choices its
+    grammar reads as one token), as special tokens."""
+    missing = [t for t in tokens if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+
+
+def is_word_level(tokenizer) -> bool:
+    """Whether ``tokenizer`` is perceive's word-level one (a real model's is a BPE or another subword model)."""
+    from tokenizers.models import WordLevel
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and isinstance(backend.model, WordLevel)
+
+
+def decode_text(tokenizer, ids: Iterable[int]) -> str:
+    """Generated token ids as text: the word-level tokenizer's words joined by ``detokenize``, a real tokenizer's
+    decoded as it decodes itself; the end and padding tokens are dropped."""
+    ids = list(ids)
+    if is_word_level(tokenizer):
+        return detokenize(tokenizer.convert_ids_to_tokens(ids))
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return tokenizer.decode([i for i in ids if i not in ends], skip_special_tokens=False)
 
 
 def detokenize(tokens: Iterable[str]) -> str:

@@ -32,9 +32,9 @@ QUESTION = "Please detect the person in a red shirt in this image. Answer the qu
 CORPUS = ["user assistant system " + QUESTION + " <ground>the person</ground><objects><obj1></objects>\n"] * 40
 
 
-def write_tokenizer(folder: Path) -> int:
-    """Qwen's tokenizer files as released (vocab.json, merges.txt, tokenizer_config.json, added_tokens.json);
-    returns the vocabulary's size."""
+def write_tokenizer(folder: Path, added_tokens: list[str] = ADDED, corpus: list[str] = CORPUS) -> int:
+    """Qwen's tokenizer files as released (vocab.json, merges.txt, tokenizer_config.json, added_tokens.json), a BPE
+    learned from ``corpus`` with ``added_tokens`` after it; returns the vocabulary's size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -42,18 +42,18 @@ def write_tokenizer(folder: Path) -> int:
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, initial_alphabet=alphabet)
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, initial_alphabet=alphabet)
     )
     tok.model.save(str(folder))
     base = tok.get_vocab_size()
-    added = {t: k for k, t in enumerate(SPECIAL)} | {t: base + k for k, t in enumerate(ADDED)}
+    added = {t: k for k, t in enumerate(SPECIAL)} | {t: base + k for k, t in enumerate(added_tokens)}
     decoder = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
                         "single_word": False} for t, i in added.items()}  # fmt: skip
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "unk_token": None, "model_max_length": 2048, "added_tokens_decoder": decoder}))  # fmt: skip
     (folder / "added_tokens.json").write_text(json.dumps(added))
-    return base + len(ADDED)
+    return base + len(added_tokens)
 
 
 def clip_config():

@@ -1,23 +1,27 @@
-"""``perceive train --config NAME --out DIR [--data SPEC]``: a model from scratch, on the synthetic world or on a
-data spec's annotation files; the same command resumes a killed run."""
+"""``perceive train --config NAME --out DIR [--data SPEC] [--vision-tower DIR --convnext DIR --language-model DIR]``: a
+model from scratch or from local pretrained parts, on the synthetic world or on a data spec's annotation files; the
+same command resumes a killed run."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from perceive.commands import CliError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from perceive.data.readers import FormatError
+    from perceive.perceiver import ModelFolderError
     from perceive.train.checkpoint import CheckpointError
     from perceive.train.mvp import MVP_RECIPES
     from perceive.train.refvlm import REFVLM_RECIPES
     from perceive.train.trainer import RECIPES, train
 
+    parts = _pretrained_parts(args)
     if args.config in MVP_RECIPES or args.config in REFVLM_RECIPES:
-        return _train_decoder_model(args)
+        return _train_decoder_model(args, parts)
     if args.config not in RECIPES:
         known = [*RECIPES, *MVP_RECIPES, *REFVLM_RECIPES]
         raise CliError(f"unknown config {args.config!r}; known: {', '.join(known)}")
@@ -28,8 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, loader_workers=args.loader_workers)
     try:
         out = train(recipe, args.out, progress=not args.quiet, stop_after=args.stop_after, data=args.data,
-                    strict=args.strict)  # fmt: skip
-    except CheckpointError as e:  # nothing usable to resume from: say which files, not a traceback
+                    strict=args.strict, parts=parts)  # fmt: skip
+    except (CheckpointError, ModelFolderError) as e:  # say which files, not a traceback
         raise CliError(str(e)) from None
     except (FormatError, FileNotFoundError) as e:  # a data spec or an annotation file that cannot be read
         raise CliError(str(e)) from None
@@ -41,11 +45,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_decoder_model(args: argparse.Namespace) -> int:
-    """MVP-LM's and REF-VLM's recipes: one stage over the world or a data spec's records."""
-    from pathlib import Path
+def _pretrained_parts(args: argparse.Namespace):
+    """The folders of ``--vision-tower``, ``--convnext`` and ``--language-model``, each checked to hold a model."""
+    from perceive.models.pretrained_parts import PretrainedParts
 
+    try:
+        return PretrainedParts(args.vision_tower, args.convnext, args.language_model)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+
+
+def _train_decoder_model(args: argparse.Namespace, parts) -> int:
+    """MVP-LM's and REF-VLM's recipes: one stage over the world or a data spec's records."""
     from perceive.data.readers import FormatError
+    from perceive.perceiver import ModelFolderError
     from perceive.train.checkpoint import CheckpointError
     from perceive.train.mvp import MVP_RECIPES, train_mvp
     from perceive.train.refvlm import REFVLM_RECIPES, train_refvlm
@@ -53,12 +66,13 @@ def _train_decoder_model(args: argparse.Namespace) -> int:
 
     try:
         files = _file_data(args.data, args.strict, not args.quiet) if args.data is not None else None
-        common = {"progress": not args.quiet, "stop_after": args.stop_after, "files": files, "data": args.data}
+        common = {"progress": not args.quiet, "stop_after": args.stop_after, "files": files, "data": args.data,
+                  "parts": parts}  # fmt: skip
         if args.config in MVP_RECIPES:
             out = train_mvp(MVP_RECIPES[args.config], Path(args.out), **common)
         else:
             out = train_refvlm(REFVLM_RECIPES[args.config], Path(args.out), **common)
-    except (CheckpointError, FormatError, FileNotFoundError) as e:
+    except (CheckpointError, FormatError, FileNotFoundError, ModelFolderError) as e:
         raise CliError(str(e)) from None
     if (out / "model").is_dir():
         print(f"trained model in {out / 'model'} (loss curve: {out / 'loss_curve.png'})")
@@ -88,5 +102,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--loader-workers", type=int, default=None, metavar="N",
                    help="processes making --data batches ahead of each step (default: none on 2 cores)")  # fmt: skip
+    for flag, what in (
+        ("--vision-tower", "a CLIP or SigLIP (whole, or its vision model)"),
+        ("--convnext", "a ConvNeXt"),
+        ("--language-model", "a Qwen2 / Qwen2.5 and its tokenizer"),
+    ):
+        t.add_argument(flag, type=Path, default=None, metavar="DIR",
+                       help=f"start from {what}: a local transformers folder with safetensors weights; its "
+                            f"configuration replaces the recipe's")  # fmt: skip
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -136,6 +136,26 @@ def weight_shapes(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files: the shards its index lists, or ``model.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFolderError(f"{index} has no weight_map")
+        files = sorted({folder / str(name) for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file() or f.parent != folder]
+        if missing:
+            raise ModelFolderError(f"{index} lists {', '.join(missing)}, not in {folder}")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in folder.iterdir())
+    raise ModelFolderError(f"{folder} has no model.safetensors nor model.safetensors.index.json (found: "
+                           f"{', '.join(found[:12]) or 'nothing'}); .bin and .pth weights are not read")  # fmt: skip
+
+
 def _layer_counts(raw: Any, prefix: str = "") -> dict[str, int]:
     """The layer counts a configuration sets, field name -> layers, its parts' included."""
     counts: dict[str, int] = {}

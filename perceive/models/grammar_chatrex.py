@@ -22,7 +22,6 @@ from perceive.formats.chatrex import NONE_ANSWER
 from perceive.models.generation import Grammar
 from perceive.tokenization import (
     ASSISTANT,
-    EOS,
     GROUND_CLOSE,
     GROUND_OPEN,
     IMAGE,
@@ -56,12 +55,13 @@ class ChatRexGrammar(Grammar):
         self.obj_index = {int(t): k for k, t in enumerate(self.obj_ids)}
         self.ground_open, self.ground_close = ids(GROUND_OPEN), ids(GROUND_CLOSE)
         self.objects_open, self.objects_close = ids(OBJECTS_OPEN), ids(OBJECTS_CLOSE)
-        self.eos = ids(EOS)
+        self.eos = tokenizer.eos_token_id
         none = tokenizer(NONE_ANSWER, add_special_tokens=False)["input_ids"]
         self.none = none[0] if len(none) == 1 else None
-        special = {ids(t) for t in (IMAGE, ROI, USER, ASSISTANT, PAD, UNK, EOS, GROUND_OPEN, GROUND_CLOSE,
-                                    OBJECTS_OPEN, OBJECTS_CLOSE, *OBJ_TOKENS)}  # fmt: skip
-        self.words = torch.ones(vocab_size, dtype=torch.bool)
+        markup = (IMAGE, ROI, USER, ASSISTANT, PAD, UNK, GROUND_OPEN, GROUND_CLOSE, OBJECTS_OPEN, OBJECTS_CLOSE)
+        special = {*tokenizer.all_special_ids, *(ids(t) for t in markup)}
+        self.words = torch.zeros(vocab_size, dtype=torch.bool)
+        self.words[: len(tokenizer)] = True  # a pretrained model's rows past its tokenizer are padding, no word
         self.words[list(s for s in special if s is not None and s < vocab_size)] = False
         self.vocab_size = vocab_size
 

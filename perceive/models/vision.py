@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, Qwen2Config
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ConvNextConfig,
+    ConvNextModel,
+    Qwen2Config,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 
 class DualEncoderParts:
@@ -24,8 +32,12 @@ class DualEncoderParts:
     text_config: dict
     low_resolution: int
 
-    def vision(self) -> CLIPVisionConfig:
-        return CLIPVisionConfig(**{**self.vision_config, "image_size": self.low_resolution})
+    def vision(self) -> CLIPVisionConfig | SiglipVisionConfig:
+        """The ViT's configuration: a CLIP's, or a SigLIP's where ``vision_config`` says ``model_type``
+        "siglip_vision_model" (``perceive.models.pretrained_parts``)."""
+        fields = {k: v for k, v in self.vision_config.items() if k not in ("model_type", "image_size")}
+        siglip = self.vision_config.get("model_type") == "siglip_vision_model"
+        return (SiglipVisionConfig if siglip else CLIPVisionConfig)(**fields, image_size=self.low_resolution)
 
     def convnext(self) -> ConvNextConfig:
         cfg = dict(self.convnext_config)
@@ -43,9 +55,10 @@ class DualEncoderParts:
 
 
 class DualVisionEncoder(nn.Module):
-    def __init__(self, vit: CLIPVisionConfig, convnext: ConvNextConfig) -> None:
+    def __init__(self, vit: CLIPVisionConfig | SiglipVisionConfig, convnext: ConvNextConfig) -> None:
         super().__init__()
-        self.vit = CLIPVisionModel(vit)
+        self.vit = SiglipVisionModel(vit) if isinstance(vit, SiglipVisionConfig) else CLIPVisionModel(vit)
+        self.has_cls = not isinstance(vit, SiglipVisionConfig)  # CLIP's first token is its class token
         self.convnext = ConvNextModel(convnext)
         self.grid = int(vit.image_size) // int(vit.patch_size)  # type: ignore[arg-type]
 
@@ -61,7 +74,7 @@ class DualVisionEncoder(nn.Module):
     def forward(self, pixel_low: torch.Tensor, pixel_high: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image tokens ``[B, G*G, token_channels]`` (row-major over the ViT's G x G grid) and the ConvNeXt
         pyramid (strides 4, 8, 16, ...)."""
-        vit = self.vit(pixel_values=pixel_low).last_hidden_state[:, 1:]  # drop CLS
+        vit = self.vit(pixel_values=pixel_low).last_hidden_state[:, int(self.has_cls) :]
         levels = list(self.convnext(pixel_high, output_hidden_states=True).hidden_states[1:])
         pooled = F.adaptive_avg_pool2d(levels[-1], self.grid).flatten(2).transpose(1, 2)
         return torch.cat([vit, pooled], dim=-1), levels

@@ -93,6 +93,18 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state as safetensors can write it: a tensor tied to one already listed (a language model's tied
+    input and output embeddings) is written again as a copy, so the checkpoint loads back strictly."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        out[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
+    return out
+
+
 def save_checkpoint(
     folder: Path,
     step: int,
@@ -104,7 +116,7 @@ def save_checkpoint(
     """Save ``step``'s checkpoint into ``folder`` atomically and delete all but the newest ``keep``."""
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
     files = {
-        MODEL_FILE: save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}),
+        MODEL_FILE: save(model_tensors(model)),
         OPTIMIZER_FILE: save(opt_tensors),
         RNG_FILE: save({"torch": torch.get_rng_state()}),
     }

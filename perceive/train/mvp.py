@@ -23,6 +23,7 @@ from perceive.models.image_processing import ImageFrame
 from perceive.models.mvp.configuration_mvp import NAMED_CONFIGS, MvpConfig, named_config
 from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration
 from perceive.models.mvp.processing_mvp import MvpProcessor, target_masks
+from perceive.models.pretrained_parts import PretrainedParts
 from perceive.tokenization import IMAGE, build_world_tokenizer, words_of
 from perceive.train.data import RecordStream
 from perceive.train.task_batches import OneStageRecipe, TaskBatches, train_one_stage
@@ -86,25 +87,32 @@ def mvp_tokenizer(texts: list[str]):
     return tok
 
 
-def build_mvp_model(config_name: str, tokenizer, **overrides) -> MvpForConditionalGeneration:
+def build_mvp_model(
+    config_name: str, tokenizer, parts: PretrainedParts | None = None, **overrides
+) -> MvpForConditionalGeneration:
+    """A new model of a named configuration with ``tokenizer``'s vocabulary and placeholder ids, its parts read from
+    the folders of ``parts``."""
     if config_name not in NAMED_CONFIGS:
         raise ValueError(f"unknown config {config_name!r}; known: {', '.join(NAMED_CONFIGS)}")
-    text_config = {**cast(dict, NAMED_CONFIGS[config_name]["text_config"]), "vocab_size": len(tokenizer)}
+    parts = parts or PretrainedParts()
     ids = tokenizer.convert_tokens_to_ids
-    cfg = named_config(config_name, **{"text_config": text_config, "image_token_id": ids(IMAGE),
-                                       "per_token_id": ids(PER), **overrides})  # fmt: skip
-    return MvpForConditionalGeneration(cfg)
+    cfg = named_config(config_name, **parts.model_overrides(NAMED_CONFIGS[config_name], tokenizer),
+                       **{"image_token_id": ids(IMAGE), "per_token_id": ids(PER), **overrides})  # fmt: skip
+    model = MvpForConditionalGeneration(cfg)
+    parts.load_into(model, tokenizer)
+    return model
 
 
 def train_mvp(
     recipe: MvpRecipe, out: Path, progress: bool = True, stop_after: int | None = None, files=None,
-    data: str | Path | None = None,
+    data: str | Path | None = None, parts: PretrainedParts | None = None,
 ) -> Path:  # fmt: skip
-    """Train MVP-LM into ``out`` (resuming whatever is there) on the world or on ``files`` (a data spec's records)."""
+    """Train MVP-LM into ``out`` (resuming whatever is there) on the world or on ``files`` (a data spec's records),
+    its parts read from the folders of ``parts``."""
 
     def build(tokenizer, records: RecordStream) -> tuple[torch.nn.Module, TaskBatches]:
-        model = build_mvp_model(recipe.model, tokenizer, **recipe.overrides)
+        model = build_mvp_model(recipe.model, tokenizer, parts, **recipe.overrides)
         processor = MvpProcessor(tokenizer, cast(MvpConfig, model.config))
         return model, MvpBatches(processor, records, recipe.seed + 1, recipe.tasks)
 
-    return train_one_stage("mvp", recipe, out, mvp_tokenizer, [PER], build, progress, stop_after, files, data)
+    return train_one_stage("mvp", recipe, out, mvp_tokenizer, [PER], build, progress, stop_after, files, data, parts)

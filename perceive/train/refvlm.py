@@ -18,10 +18,11 @@ import torch
 
 from perceive.data.records import ImageRecord
 from perceive.data.tasks_refvlm import PLAN_TEXTS, REFVLM_TASKS, REGION, TEMPLATES, RefVlmItem, refvlm_item
+from perceive.models.pretrained_parts import PretrainedParts
 from perceive.models.refvlm.configuration_refvlm import NAMED_CONFIGS, RefVlmConfig, named_config
 from perceive.models.refvlm.modeling_refvlm import RefVlmForConditionalGeneration
-from perceive.models.refvlm.processing_refvlm import REFVLM_TOKENS, RefVlmProcessor
-from perceive.tokenization import EOS, IMAGE, build_world_tokenizer, words_of
+from perceive.models.refvlm.processing_refvlm import ONE_TOKEN_CHOICES, REFVLM_TOKENS, RefVlmProcessor
+from perceive.tokenization import IMAGE, build_world_tokenizer, words_of
 from perceive.train.data import RecordStream
 from perceive.train.task_batches import OneStageRecipe, TaskBatches, train_one_stage
 
@@ -77,28 +78,35 @@ def refvlm_tokenizer(texts: list[str]):
     return tok
 
 
-def build_refvlm_model(config_name: str, tokenizer, **overrides) -> RefVlmForConditionalGeneration:
+def build_refvlm_model(
+    config_name: str, tokenizer, parts: PretrainedParts | None = None, **overrides
+) -> RefVlmForConditionalGeneration:
+    """A new model of a named configuration with ``tokenizer``'s vocabulary and placeholder ids, its parts read from
+    the folders of ``parts``."""
     if config_name not in NAMED_CONFIGS:
         raise ValueError(f"unknown config {config_name!r}; known: {', '.join(NAMED_CONFIGS)}")
-    text_config = {**cast(dict, NAMED_CONFIGS[config_name]["text_config"]), "vocab_size": len(tokenizer)}
+    parts = parts or PretrainedParts()
     ids = tokenizer.convert_tokens_to_ids
-    cfg = named_config(config_name, **{"text_config": text_config, "image_token_id": ids(IMAGE),
-                                       "region_token_id": ids(REGION), "ref_token_id": ids("<REF>"),
-                                       "eos_token_id": ids(EOS), **overrides})  # fmt: skip
-    return RefVlmForConditionalGeneration(cfg)
+    cfg = named_config(config_name, **parts.model_overrides(NAMED_CONFIGS[config_name], tokenizer),
+                       **{"image_token_id": ids(IMAGE), "region_token_id": ids(REGION), "ref_token_id": ids("<REF>"),
+                          "eos_token_id": tokenizer.eos_token_id, **overrides})  # fmt: skip
+    model = RefVlmForConditionalGeneration(cfg)
+    parts.load_into(model, tokenizer)
+    return model
 
 
 def train_refvlm(
     recipe: RefVlmRecipe, out: Path, progress: bool = True, stop_after: int | None = None, files=None,
-    data: str | Path | None = None,
+    data: str | Path | None = None, parts: PretrainedParts | None = None,
 ) -> Path:  # fmt: skip
-    """Train REF-VLM into ``out`` (resuming whatever is there) on the world or on ``files`` (a data spec's records)."""
+    """Train REF-VLM into ``out`` (resuming whatever is there) on the world or on ``files`` (a data spec's records),
+    its parts read from the folders of ``parts``."""
 
     def build(tokenizer, records: RecordStream) -> tuple[torch.nn.Module, TaskBatches]:
-        model = build_refvlm_model(recipe.model, tokenizer, **recipe.overrides)
+        model = build_refvlm_model(recipe.model, tokenizer, parts, **recipe.overrides)
         processor = RefVlmProcessor(tokenizer, cast(RefVlmConfig, model.config))
         return model, RefVlmBatches(processor, records, recipe.seed + 1, recipe.tasks)
 
-    return train_one_stage(
-        "refvlm", recipe, out, refvlm_tokenizer, list(REFVLM_TOKENS), build, progress, stop_after, files, data
-    )
+    added = [*REFVLM_TOKENS, *ONE_TOKEN_CHOICES]
+    return train_one_stage("refvlm", recipe, out, refvlm_tokenizer, added, build, progress, stop_after, files, data,
+                           parts)  # fmt: skip

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from perceive.data.records import ImageRecord
-from perceive.tokenization import load_tokenizer
+from perceive.models.pretrained_parts import PretrainedParts
+from perceive.tokenization import add_tokens, load_tokenizer
 from perceive.train.data import RecordStream
 
 
@@ -105,11 +106,11 @@ def train_one_stage(
     name: str, recipe: OneStageRecipe, out: Path, build_tokenizer: Callable[[list[str]], Any],
     added_tokens: Sequence[str], build: Callable[[Any, RecordStream], tuple[torch.nn.Module, TaskBatches]],
     progress: bool = True, stop_after: int | None = None, files: RecordStream | None = None,
-    data: str | Path | None = None,
+    data: str | Path | None = None, parts: PretrainedParts | None = None,
 ) -> Path:  # fmt: skip
     """A decoder model's one-stage recipe into ``out``, resuming whatever is there: the tokenizer built once over
-    the world's texts (or the files'), ``build(tokenizer, records)`` gives the model and its batches; the model and
-    its tokenizer are saved in ``out/model`` at the end."""
+    the world's texts (or the files'), or the language model's of ``parts``, ``build(tokenizer, records)`` gives the
+    model and its batches; the model and its tokenizer are saved in ``out/model`` at the end."""
     from perceive.train.checkpoint import atomic_folder
     from perceive.train.data import WorldStream
     from perceive.train.trainer import Distributed, _loop, autocast_dtype, data_vocabulary, loss_curve
@@ -120,18 +121,20 @@ def train_one_stage(
     world = WorldConfig(**recipe.world)
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "data": None if data is None else str(data)},
-                                                    indent=2))  # fmt: skip
+        made = {**asdict(recipe), "data": None if data is None else str(data),
+                "parts": parts.to_json() if parts else None}  # fmt: skip
+        (out / "recipe.json").write_text(json.dumps(made, indent=2))
     tok_dir = out / "tokenizer"
     if ddp.main and not (tok_dir / "tokenizer.json").is_file():
         with atomic_folder(tok_dir) as tmp:
-            texts = world_texts(world, recipe.vocabulary_scenes) if files is None else data_vocabulary(files)
-            build_tokenizer(texts).save_pretrained(str(tmp))
+            tokenizer = parts.tokenizer(added_tokens) if parts else None
+            if tokenizer is None:
+                texts = world_texts(world, recipe.vocabulary_scenes) if files is None else data_vocabulary(files)
+                tokenizer = build_tokenizer(texts)
+            tokenizer.save_pretrained(str(tmp))
     ddp.barrier()
     tokenizer = load_tokenizer(tok_dir)
-    missing = [t for t in added_tokens if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+    add_tokens(tokenizer, added_tokens)
     torch.manual_seed(recipe.seed)
     records: RecordStream = files if files is not None else WorldStream(world, masks=True)
     model, batches = build(tokenizer, records)

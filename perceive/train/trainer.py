@@ -35,6 +35,7 @@ from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, ChatRex
 from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
 from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
 from perceive.models.image_processing import normalize_image, square_pixels
+from perceive.models.pretrained_parts import PretrainedParts
 from perceive.models.upn.configuration_upn import UpnConfig
 from perceive.models.upn.modeling_upn import UpnModel
 from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, build_world_tokenizer, load_tokenizer
@@ -139,17 +140,21 @@ RECIPES = {
 }  # fmt: skip
 
 
-def build_model(config_name: str, tokenizer, **overrides) -> ChatRexForConditionalGeneration:
-    """A new model of a named configuration with ``tokenizer``'s vocabulary and placeholder ids; ``overrides``
-    carry what the training data decides (``Recipe.model_options``)."""
+def build_model(
+    config_name: str, tokenizer, parts: PretrainedParts | None = None, **overrides
+) -> ChatRexForConditionalGeneration:
+    """A new model of a named configuration with ``tokenizer``'s vocabulary and placeholder ids, its parts read from
+    the folders of ``parts``; ``overrides`` carry what the training data decides (``Recipe.model_options``)."""
     ids = tokenizer.convert_tokens_to_ids
     if config_name not in NAMED_CONFIGS:
         raise ValueError(f"unknown config {config_name!r}; known: {', '.join(NAMED_CONFIGS)}")
-    text_config = cast(dict, NAMED_CONFIGS[config_name]["text_config"])
-    cfg = named_config(config_name, text_config={**text_config, "vocab_size": len(tokenizer)},
+    parts = parts or PretrainedParts()
+    cfg = named_config(config_name, **parts.model_overrides(NAMED_CONFIGS[config_name], tokenizer),
                        image_token_id=ids(IMAGE), roi_token_id=ids(ROI), assistant_token_id=ids(ASSISTANT),
                        obj_token_ids=[ids(t) for t in OBJ_TOKENS], **overrides)  # fmt: skip
-    return ChatRexForConditionalGeneration(cfg)
+    model = ChatRexForConditionalGeneration(cfg)
+    parts.load_into(model, tokenizer)
+    return model
 
 
 def cpu_has_bf16() -> bool:
@@ -392,11 +397,12 @@ def train(
     stop_after: int | None = None,
     data: str | Path | None = None,
     strict: bool = False,
+    parts: PretrainedParts | None = None,
 ) -> Path:
     """Train a model into ``out`` (resuming whatever is there), on the world or on the files of the data spec
-    ``data`` (``perceive.data.spec``; ``strict``: stop at its first bad record). ``stop_after`` ends each
-    phase (UPN, MLLM) of this call after that many steps (for tests and for splitting long runs); run it
-    again to continue."""
+    ``data`` (``perceive.data.spec``; ``strict``: stop at its first bad record), its vision tower, ConvNeXt or
+    language model (and tokenizer) read from the folders of ``parts``. ``stop_after`` ends each phase (UPN,
+    MLLM) of this call after that many steps (for tests and for splitting long runs); run it again to continue."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
@@ -407,15 +413,17 @@ def train(
     ddp = Distributed()
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps({**asdict(recipe), "data": None if data is None else str(data)},
-                                                    indent=2))  # fmt: skip
+        made = {**asdict(recipe), "data": None if data is None else str(data),
+                "parts": parts.to_json() if parts else None}  # fmt: skip
+        (out / "recipe.json").write_text(json.dumps(made, indent=2))
     ddp.barrier()
     log = out / "train_log.jsonl"
     tok_dir = out / "tokenizer"
     if ddp.main and not (tok_dir / "tokenizer.json").is_file():
         with atomic_folder(tok_dir) as tmp:
-            words = None if files is None else data_vocabulary(files)
-            build_world_tokenizer(words).save_pretrained(str(tmp))
+            pretrained = parts.tokenizer() if parts else None
+            words = None if files is None or pretrained is not None else data_vocabulary(files)
+            (pretrained or build_world_tokenizer(words)).save_pretrained(str(tmp))
     ddp.barrier()
     tokenizer = load_tokenizer(tok_dir)
 
@@ -424,7 +432,7 @@ def train(
         return out
     seed = recipe.seed if recipe.mllm_seed is None else recipe.mllm_seed
     torch.manual_seed(seed)
-    model = build_model(recipe.model, tokenizer, **recipe.model_options(None if files is None else files.schema))
+    model = build_model(recipe.model, tokenizer, parts, **recipe.model_options(None if files is None else files.schema))
     processor = ChatRexProcessor(tokenizer, cast(ChatRexConfig, model.config))
     proposals = None
     if files is not None and recipe.upn_proposals:

@@ -41,7 +41,7 @@ from perceive.models.image_processing import ImageFrame, square_pixels
 from perceive.models.upn.modeling_upn import UpnModel
 from perceive.perceiver import ModelFolderError, Perceiver
 from perceive.prompts import VisualPrompt
-from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, detokenize, load_tokenizer
+from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, ROI, decode_text, load_tokenizer
 
 _GROUNDING = re.compile("^" + re.escape(CHATREX_TEMPLATES["detect"]).replace(re.escape("{obj}"), "(.+)") + "$")
 # what answering reads of an image's encoding (the last two per the model's configuration)
@@ -244,7 +244,7 @@ class ChatRexPerceiver(Perceiver):
         generated = generate(self.model.begin_decoding(batch), self.grammar, samples, max_new_tokens, plans=plans)
         answers = []
         for g, enc in zip(generated, encoded, strict=True):
-            text = detokenize(self.tokenizer.convert_ids_to_tokens(g.token_ids))
+            text = decode_text(self.tokenizer, g.token_ids)
             parsed = chatrex.parse(text, len(enc.boxes))
             chosen = zip(g.token_ids, g.probs, g.in_choice, strict=True)
             probs = {self.grammar.obj_index[t]: p for t, p, choice in chosen if choice and t in self.grammar.obj_index}

@@ -17,7 +17,7 @@ import torch
 from perceive.formats.chatrex import NONE_ANSWER
 from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
 from perceive.models.image_processing import ImageFrame, dual_resolution_pixels
-from perceive.tokenization import ASSISTANT, EOS, IMAGE, OBJ_TOKENS, OBJECTS_CLOSE, OBJECTS_OPEN, ROI, USER
+from perceive.tokenization import ASSISTANT, IMAGE, OBJ_TOKENS, OBJECTS_CLOSE, OBJECTS_OPEN, ROI, USER
 
 IGNORE = -100
 
@@ -28,7 +28,7 @@ class ChatRexProcessor:
         self.config = config
         ids = tokenizer.convert_tokens_to_ids
         self.image_id, self.roi_id = ids(IMAGE), ids(ROI)
-        self.user_id, self.assistant_id, self.eos_id = ids(USER), ids(ASSISTANT), ids(EOS)
+        self.user_id, self.assistant_id, self.eos_id = ids(USER), ids(ASSISTANT), tokenizer.eos_token_id
         self.obj_ids = [ids(t) for t in OBJ_TOKENS]
         self.obj_index = {t: k for k, t in enumerate(self.obj_ids)}
         self.objects_open, self.objects_close = ids(OBJECTS_OPEN), ids(OBJECTS_CLOSE)

@@ -42,7 +42,7 @@ from perceive.models.mvp.modeling_mvp import MvpForConditionalGeneration, Predic
 from perceive.models.mvp.processing_mvp import MvpProcessor, masks_to_image
 from perceive.perceiver import Perceiver
 from perceive.prompts import VisualPrompt
-from perceive.tokenization import IMAGE, detokenize, load_tokenizer
+from perceive.tokenization import IMAGE, decode_text, load_tokenizer
 
 MAX_CAPTION_TOKENS = 40
 
@@ -152,8 +152,8 @@ class MvpPerceiver(Perceiver):
         words = model.instruction_tokens(prompt_states, span_t, valid)
         preds = model.decode(per_state, text, valid, sentence, encoded.image["mask_features"], encoded.image["memory"],
                              words)  # fmt: skip
-        response = detokenize(self.tokenizer.convert_ids_to_tokens([*written, *tail]))
-        caption = detokenize(self.tokenizer.convert_ids_to_tokens(written)).strip().rstrip(".").strip()
+        response = decode_text(self.tokenizer, [*written, *tail])
+        caption = decode_text(self.tokenizer, written).strip().rstrip(".").strip()
         return Decoded(response, caption, preds[-1], problems)
 
     # -- answers ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from perceive.formats.mvp import PER, RESULT_LEAD, SENTENCE_TASK, WORD_TASK, Instruction
 from perceive.models.image_processing import ImageFrame, dual_resolution_pixels
 from perceive.models.mvp.configuration_mvp import MvpConfig
-from perceive.tokenization import ASSISTANT, EOS, IMAGE, USER
+from perceive.tokenization import ASSISTANT, IMAGE, USER
 
 IGNORE = -100
 
@@ -39,7 +39,7 @@ class MvpProcessor:
         self.config = config
         ids = tokenizer.convert_tokens_to_ids
         self.image_id, self.per_id = ids(IMAGE), ids(PER)
-        self.user_id, self.assistant_id, self.eos_id = ids(USER), ids(ASSISTANT), ids(EOS)
+        self.user_id, self.assistant_id, self.eos_id = ids(USER), ids(ASSISTANT), tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.unk_id = tokenizer.unk_token_id
         self.lead_ids = {"word": self.text_ids(WORD_TASK), "sentence": self.text_ids(SENTENCE_TASK)}

@@ -61,7 +61,8 @@ class TrpGrammar(Grammar):
         structural = {p.task_open, p.task_close, p.unit_open, p.unit_close, p.phrase_open, p.phrase_close, p.ref,
                       p.group_open, p.group_close, self.label_open, *p.label(0)[-1:], p.eos}  # fmt: skip
         special = {int(i) for i in tokenizer.all_special_ids} | {int(i) for i in tokenizer.added_tokens_decoder}
-        self.words = torch.ones(vocab_size, dtype=torch.bool)
+        self.words = torch.zeros(vocab_size, dtype=torch.bool)
+        self.words[: len(tokenizer)] = True  # a pretrained model's rows past its tokenizer are padding, no word
         self.words[[i for i in structural | special if 0 <= i < vocab_size]] = False
         self.name_words = self.words.clone()
         self.name_words[p.unit_lead[0]] = False  # "Unit:" ends a plan entry's name

@@ -39,7 +39,7 @@ from perceive.models.refvlm.modeling_refvlm import UNITS, RefVlmForConditionalGe
 from perceive.models.refvlm.processing_refvlm import RefVlmProcessor, units_tensor
 from perceive.perceiver import Perceiver
 from perceive.prompts import VisualPrompt
-from perceive.tokenization import IMAGE, detokenize, load_tokenizer
+from perceive.tokenization import IMAGE, decode_text, load_tokenizer
 
 MAX_NEW_TOKENS = 320
 
@@ -164,10 +164,7 @@ class RefVlmPerceiver(Perceiver):
         tokens = gen.token_ids
         ref_pos = [i for i, t in enumerate(tokens) if t == self.processor.pieces.ref]
         states = torch.stack([session.states[i] for i in ref_pos]) if ref_pos else None
-        if constrained:
-            text = self.render(self.state_after(tokens))
-        else:
-            text = detokenize(self.tokenizer.convert_ids_to_tokens(tokens))
+        text = self.render(self.state_after(tokens)) if constrained else decode_text(self.tokenizer, tokens)
         # every fed token's layer-averaged state: the prompt's and each generated token's (the end token is never fed)
         means = torch.cat([session.prompt_means, *[m[None] for m in session.means[: len(tokens)]]])[None]
         ids = torch.tensor([prompt_ids + tokens])
@@ -223,7 +220,7 @@ class RefVlmPerceiver(Perceiver):
 
     def render(self, state: TrpState) -> str:
         """The canonical TRP text of a finished grammar state (``perceive.formats.refvlm.render``)."""
-        words = lambda ids: detokenize(self.tokenizer.convert_ids_to_tokens(list(ids)))  # noqa: E731
+        words = lambda ids: decode_text(self.tokenizer, ids)  # noqa: E731
         task = None
         if state.decode is not None:
             entries = tuple(trp.PlanEntry(words(e.ids), e.units, e.count) for e in state.entries)

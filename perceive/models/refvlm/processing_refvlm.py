@@ -22,11 +22,13 @@ from perceive.models.mvp.processing_mvp import target_masks
 from perceive.models.refvlm.configuration_refvlm import RefVlmConfig
 from perceive.models.refvlm.modeling_refvlm import UNITS
 from perceive.prompts import VisualPrompt
-from perceive.tokenization import ASSISTANT, EOS, IMAGE, USER
+from perceive.tokenization import ASSISTANT, IMAGE, USER
 
 IGNORE = -100
 MAX_COUNT = 100  # the most targets one phrase may have (a number the tokenizer spells in one token)
 REFVLM_TOKENS = (TASK_OPEN, TASK_CLOSE, UNIT_OPEN, UNIT_CLOSE, PHRASE_OPEN, PHRASE_CLOSE, REF, REGION)
+# the model's choices, each one token (``TrpPieces``); a real tokenizer that splits one (Qwen's digits) gets it added
+ONE_TOKEN_CHOICES = ("True", "False", "(", ")", ",", *UNITS, *(str(k) for k in range(MAX_COUNT + 1)))
 
 
 class TrpPieces:
@@ -53,7 +55,7 @@ class TrpPieces:
         self.task_open, self.task_close = special(TASK_OPEN), special(TASK_CLOSE)
         self.unit_open, self.unit_close = special(UNIT_OPEN), special(UNIT_CLOSE)
         self.phrase_open, self.phrase_close = special(PHRASE_OPEN), special(PHRASE_CLOSE)
-        self.ref, self.eos = special(REF), special(EOS)
+        self.ref, self.eos = special(REF), tokenizer.eos_token_id
         self.decode_lead = fixed("Unit decode (")
         self.true, self.false = one("True"), one("False")
         self.true_tail = fixed("). Class name, target unit and number:")
@@ -104,7 +106,7 @@ class RefVlmProcessor:
         self.config = config
         ids = tokenizer.convert_tokens_to_ids
         self.image_id, self.region_id = ids(IMAGE), ids(REGION)
-        self.user_id, self.assistant_id, self.eos_id = ids(USER), ids(ASSISTANT), ids(EOS)
+        self.user_id, self.assistant_id, self.eos_id = ids(USER), ids(ASSISTANT), tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.pieces = TrpPieces(tokenizer)
 

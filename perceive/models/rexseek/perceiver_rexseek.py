@@ -25,6 +25,7 @@ from perceive.models.folder_checks import (
     check_weights_fit,
     one_line,
     read_json_object,
+    weight_files,
     weight_shapes,
 )
 from perceive.models.rexseek.configuration_rexseek import RexSeekConfig
@@ -36,26 +37,6 @@ from perceive.prompts import VisualPrompt
 ADDED_TOKENS = [f"<obj{k}>" for k in range(MAX_BOXES)] + ["<ground>", "</ground>", "<objects>", "</objects>"]
 # buffers some transformers versions save and others do not: never a difference between a folder and the model
 _IGNORED = ("vision_tower.vision_tower.vision_model.embeddings.position_ids",)
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files: the shards its index lists, or ``model.safetensors``."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ModelFolderError(f"{index} has no weight_map")
-        files = sorted({folder / str(name) for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file() or f.parent != folder]
-        if missing:
-            raise ModelFolderError(f"{index} lists {', '.join(missing)}, not in {folder}")
-        return files
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    found = sorted(p.name for p in folder.iterdir())
-    raise ModelFolderError(f"{folder} has no model.safetensors nor model.safetensors.index.json (found: "
-                           f"{', '.join(found[:12]) or 'nothing'}); .bin and .pth weights are not read")  # fmt: skip
 
 
 def load_tokenizer(folder: Path, vocab_size: int):
