@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,27 @@ class Perceiver(ABC):
 
     model_type: str = ""
     takes_prompts: bool = False  # whether ``answer`` reads visual prompts (REF-VLM's <region>)
+    _device: Any = None  # torch.device once ``to`` moved the model; the CPU before
+
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` the model's weights are on, where a perceiver makes its inputs."""
+        import torch
+
+        return self._device if self._device is not None else torch.device("cpu")
+
+    def to(self, device: Any) -> Perceiver:
+        """Move the model (every module the perceiver holds) to ``device``: a ``torch.device`` or ``auto``, ``cuda``,
+        ``cuda:N``, ``mps``, ``cpu`` (``perceive.devices.resolve_device``); returns the perceiver."""
+        import torch
+
+        from perceive.devices import resolve_device
+
+        self._device = resolve_device(device)
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(self._device)
+        return self
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> Perceiver:
@@ -113,18 +135,24 @@ def read_model_type(folder: Path) -> str:
     return raw["model_type"]
 
 
-def load(path: str | Path | None = None) -> Perceiver:
-    """The model in ``path`` (default: the shipped ``checkpoints/tiny``), whatever its kind. A folder that is no
-    model perceive can load (a configuration, weights or tokenizer missing, malformed, or not fitting each other)
-    is a ``ModelFolderError`` or ``FileNotFoundError`` naming the file, raised before the model is built."""
+def load(path: str | Path | None = None, device: Any = "cpu") -> Perceiver:
+    """The model in ``path`` (default: the shipped ``checkpoints/tiny``), whatever its kind, on ``device`` (``auto``,
+    ``cuda``, ``mps``, ``cpu``: ``Perceiver.to``). A folder that is no model perceive can load (a configuration,
+    weights or tokenizer missing, malformed, or not fitting each other) is a ``ModelFolderError`` or
+    ``FileNotFoundError`` naming the file, raised before the model is built."""
+    from perceive.devices import resolve_device
     from perceive.models.auto import perceiver_class
 
+    target = resolve_device(device)  # a device this machine lacks fails before the model is read
     folder = Path(path) if path is not None else DEFAULT_MODEL
     model_type = read_model_type(folder)
     cls = perceiver_class(model_type)
     if cls is None:
         from perceive.models.auto import known_model_types
+        from perceive.models.folder_checks import read_json_object
 
-        raise ModelFolderError(f"{folder / 'config.json'}: model_type {model_type!r} is not a perceive model; "
-                               f"known: {', '.join(known_model_types())}")  # fmt: skip
-    return cls.from_folder(folder)
+        remote = read_json_object(folder / "config.json").get("auto_map")
+        code = f" (its model is defined by the code inside the folder, {remote}, which perceive never runs)"
+        raise ModelFolderError(f"{folder / 'config.json'}: model_type {model_type!r} is not a perceive model"
+                               f"{code if remote else ''}; known: {', '.join(known_model_types())}")  # fmt: skip
+    return cls.from_folder(folder).to(target)

@@ -268,9 +268,12 @@ def test_sentence_and_word_instructions_are_read():
 
 
 def test_training_resumes_to_the_same_weights(tmp_path):
+    from deviceless import DevicelessTensors
     from safetensors.torch import load_file
 
-    train_mvp(SMOKE, tmp_path / "whole", progress=False)
+    with DevicelessTensors() as mode:  # and makes every tensor where the model is
+        train_mvp(SMOKE, tmp_path / "whole", progress=False)
+    assert not mode.sites, f"tensors made without a device at {sorted(mode.sites)}"
     train_mvp(SMOKE, tmp_path / "split", progress=False, stop_after=2)
     assert not (tmp_path / "split" / "model").exists()
     train_mvp(SMOKE, tmp_path / "split", progress=False)

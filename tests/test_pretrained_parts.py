@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,12 +123,28 @@ def test_a_siglip_tower_gives_the_image_tokens_without_its_pooling_head(folders)
 
 
 def test_a_trained_model_from_local_parts_loads_and_answers(folders, tmp_path):
+    from perceive.cli import main
+
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "perceive.cli", "train", "--config", "refvlm-smoke", "--out", str(out),
-                           "--vision-tower", str(folders["clip"]), "--convnext", str(folders["convnext"]),
-                           "--language-model", str(folders["qwen"]), "--quiet"],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "refvlm-smoke",
+                "--out",
+                str(out),
+                "--vision-tower",
+                str(folders["clip"]),
+                "--convnext",
+                str(folders["convnext"]),
+                "--language-model",
+                str(folders["qwen"]),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "recipe.json").read_text())["parts"]["language_model"] == str(folders["qwen"])
     perceiver = perceive.load(out / "model")
     assert type(perceiver.tokenizer).__name__ == "Qwen2Tokenizer"
@@ -141,7 +155,7 @@ def test_a_trained_model_from_local_parts_loads_and_answers(folders, tmp_path):
     assert answer.text and "Ġ" not in answer.text  # decoded as Qwen decodes, not as byte-level tokens joined
 
 
-def test_folders_that_do_not_fit_get_one_error_naming_what_was_found(folders, tmp_path):
+def test_folders_that_do_not_fit_get_one_error_naming_what_was_found(folders, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"--vision-tower .* has no config.json \(found: nothing\)"):
         PretrainedParts(vision_tower=tmp_path / "absent")
     with pytest.raises(ModelFolderError, match="model_type 'convnext' is no vision tower"):
@@ -167,10 +181,11 @@ def test_folders_that_do_not_fit_get_one_error_naming_what_was_found(folders, tm
     assert "1 missing: layernorm.bias" in message and "1 unexpected: convnext.extra.weight" in message
     assert "convnext.layernorm.weight [7] (the model's: [32])" in message
 
-    done = subprocess.run([sys.executable, "-m", "perceive.cli", "train", "--config", "smoke", "--out",
-                           str(tmp_path / "run"), "--language-model", str(tmp_path / "absent")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode != 0 and "--language-model" in done.stderr and "Traceback" not in done.stderr
+    from perceive.cli import main
+
+    assert main(["train", "--config", "smoke", "--out", str(tmp_path / "run"), "--language-model",
+                 str(tmp_path / "absent")]) == 1  # fmt: skip
+    assert "--language-model" in capsys.readouterr().err
 
 
 def mvp_world_tokenizer():
@@ -194,3 +209,36 @@ def test_a_checkpoint_of_tied_embeddings_reads_back(folders, tmp_path):
     load_checkpoint(path, model, optimizer)
     assert model.language_model.get_input_embeddings().weight.abs().sum() > 0
     assert model.language_model.get_output_embeddings().weight is model.language_model.get_input_embeddings().weight
+
+
+def test_the_papers_sizes_take_their_parts_from_the_folders(folders):
+    """``--config chatrex-7b`` (``mvp-phi``, ``refvlm-7b``) with the three folders: the parts are the folders', the
+    rest the paper's (ChatRex's vocabulary index head and layout, MVP-LM's 300 + 100 queries, REF-VLM's decoders)."""
+    from perceive.train.mvp import MVP_RECIPES, build_mvp_model
+    from perceive.train.refvlm import ONE_TOKEN_CHOICES, REFVLM_RECIPES, REFVLM_TOKENS, build_refvlm_model
+    from perceive.train.trainer import RECIPES
+
+    parts = PretrainedParts(folders["siglip"], folders["convnext"], folders["qwen"])
+    qwen = tensors(folders["qwen"])["model.layers.1.mlp.up_proj.weight"]
+    chatrex = build_model(RECIPES["chatrex-7b"].model, parts.tokenizer(), parts,
+                          **world_model_options(None, [["category"]]))  # fmt: skip
+    assert (chatrex.config.layout, chatrex.config.index_head, chatrex.config.high_resolution) == ("paper", "vocab", 768)
+    mvp = build_mvp_model(MVP_RECIPES["mvp-phi"].model, parts.tokenizer(["<PER>"]), parts)
+    assert mvp.config.num_queries == 400 and mvp.config.low_resolution == 64
+    trp_tokenizer = parts.tokenizer([*REFVLM_TOKENS, *ONE_TOKEN_CHOICES])
+    refvlm = build_refvlm_model(REFVLM_RECIPES["refvlm-7b"].model, trp_tokenizer, parts)
+    assert refvlm.config.decoder_layers == 6
+    for model in (chatrex, mvp, refvlm):
+        assert type(model.vision.vit).__name__ == "SiglipVisionModel"
+        assert torch.equal(model.language_model.state_dict()["model.layers.1.mlp.up_proj.weight"], qwen)
+
+
+def test_a_folder_defined_by_its_own_code_is_refused_without_running_it(tmp_path):
+    """ChatRex-7B's release defines its model in Python files inside the folder (``auto_map``; its architecture is
+    not in ChatRex's public code): perceive names that and never imports them."""
+    remote = {"AutoModelForCausalLM": "modeling_chatrex.ChatRexForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatrex_7b", "auto_map": remote}))
+    (tmp_path / "modeling_chatrex.py").write_text("open(__file__ + '.RAN', 'w').close()\n")
+    with pytest.raises(ModelFolderError, match=r"defined by the code inside the folder.*never runs\); known: chatrex"):
+        perceive.load(tmp_path)
+    assert not list(tmp_path.glob("*.RAN"))

@@ -9,19 +9,32 @@ from pathlib import Path
 
 import pytest
 import torch
+from deviceless import DevicelessTensors
 from PIL import Image
 from safetensors.torch import load_file
 
+import perceive
 from perceive.train import trainer
 from perceive.train.trainer import RECIPES, autocast_dtype, train
 from perceive.world.generator import WorldConfig, generate_scene
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_training(tmp_path_factory):
+    """The smoke recipe trained, and where its models' code made a tensor without a device (``deviceless.py``)."""
     out = tmp_path_factory.mktemp("smoke") / "run"
-    train("smoke", out, progress=False)
-    return out
+    with DevicelessTensors() as mode:
+        train("smoke", out, progress=False)
+    return out, mode.sites
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_training):
+    return smoke_training[0]
+
+
+def test_training_makes_every_tensor_where_the_model_is(smoke_training):
+    assert not smoke_training[1], f"tensors made without a device at {sorted(smoke_training[1])}"
 
 
 def test_smoke_training_writes_a_loadable_model(smoke_run):
@@ -92,15 +105,22 @@ def test_bf16_recipe_trains_and_falls_back_to_float32_without_bf16(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_two_process_data_parallel_with_gloo(tmp_path):
+def test_two_process_data_parallel_with_gloo_and_the_mllm_sharded(tmp_path):
+    """Under torchrun the UPN trains data-parallel and, with ``--fsdp``, the MLLM sharded over the two processes; the
+    model is saved whole, under its own class name (that a sharded checkpoint resumes exactly:
+    ``tests/test_sharding.py``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", "-m", "perceive.cli", "train", "--config", "smoke", "--out", str(tmp_path / "ddp"),
+                        "29517", "-m", "perceive.cli", "train", "--config", "smoke", "--out", str(out), "--fsdp",
                         "--quiet"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if r["phase"] == "mllm") == 6  # logged once, by rank 0
-    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["architectures"] == ["ChatRexForConditionalGeneration"]
+    model = perceive.load(out / "model").model
+    assert model.language_model.lm_head.weight.shape[0] == config["text_config"]["vocab_size"]
 
 
 def _cli(*args):

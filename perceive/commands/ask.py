@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from perceive.commands import CliError
+from perceive.commands import CliError, add_device_option
 
 
 def parse_boxes(value: str | None) -> list[list[float]] | None:
@@ -60,7 +60,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if prompts:
             for p in prompts:
                 p.check(image.shape[1], image.shape[0])
-        perceiver = load(args.model)
+        perceiver = load(args.model, args.device)
         answer = perceiver.ask(image, question, boxes=boxes, prompts=prompts)
     except (ImageError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
@@ -93,7 +93,7 @@ def _ask_many(args: argparse.Namespace, boxes: list | None) -> int:
     if args.prompt:
         raise CliError("--prompt is for one image; a JSONL of --images cannot carry prompts yet")
     try:
-        perceiver = load(args.model)
+        perceiver = load(args.model, args.device)
         summary = batch.run(perceiver, args.images, args.question_flag or args.question, args.out, draw=args.draw,
                             progress=not args.json, boxes=boxes)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
@@ -120,6 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "scribble:X,Y;X,Y;..., mask:FILE.png (repeatable)")  # fmt: skip
     a.add_argument("--draw", action="store_true", help="batch mode: also write annotated pictures")
     a.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
+    add_device_option(a)
     a.add_argument("--json", action="store_true", help="print the answer (batch: the summary) as JSON")
     a.add_argument("--out", help="the annotated picture (one image) or the results folder (--images)")
     a.add_argument("--show-proposals", action="store_true", help="draw the proposal boxes too")

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from perceive.commands import CliError
+from perceive.commands import CliError, add_device_option
 
 if TYPE_CHECKING:
     from perceive.eval.report import Report
@@ -44,7 +44,7 @@ def _data_benchmark(args: argparse.Namespace) -> Report:
     if not 0.0 <= threshold <= 1.0:
         raise CliError(f"--score-threshold: a score in [0, 1], got {threshold}")
     spec = _load_data(args)
-    perceiver = _load_any_model(args.model)
+    perceiver = _load_any_model(args.model, args.device)
     from perceive.models.mvp.perceiver_mvp import MvpPerceiver
 
     if isinstance(perceiver, MvpPerceiver):
@@ -83,7 +83,7 @@ def _world_benchmark(args: argparse.Namespace) -> Report:
         benchmark.held_out_seed(split, n)
     except ValueError as e:
         raise CliError(f"--n: {e}") from None
-    perceiver = _load_any_model(args.model)
+    perceiver = _load_any_model(args.model, args.device)
     from perceive.models.mvp.perceiver_mvp import MvpPerceiver
 
     if isinstance(perceiver, MvpPerceiver):
@@ -118,11 +118,11 @@ def _world_benchmark(args: argparse.Namespace) -> Report:
     return benchmark.run(perceiver, n=n, progress=not args.quiet, split=split)
 
 
-def _load_any_model(path: str | None) -> Any:
+def _load_any_model(path: str | None, device: str = "cpu") -> Any:
     from perceive.perceiver import load
 
     try:
-        return load(path)
+        return load(path, device)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
 
@@ -145,6 +145,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("benchmark", help="run a model over held-out world scenes or annotation files; one report")
     b.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
+    add_device_option(b)
     b.add_argument("--suite", default="world")
     b.add_argument("--data", metavar="SPEC", help="benchmark on annotation files instead: a world export folder or a "
                                                   "data spec (JSON/YAML)")  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from perceive.commands import CliError
+from perceive.commands import CliError, add_device_option
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     timeout_s=args.timeout, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                     max_connections=args.max_connections)  # fmt: skip
     try:
-        serve(args.model, args.host, args.port, limits, args.allowed_host, args.allowed_origin)
+        serve(args.model, args.host, args.port, limits, args.allowed_host, args.allowed_origin, args.device)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     return 0
@@ -27,6 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="a JSON API and a web page over a trained model")
     s.add_argument("--model", default=None, help="model folder (default: the shipped checkpoints/tiny)")
+    add_device_option(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--queue", type=int, default=8, help="requests waiting (and uploads read) at most; more get 429")

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
-from perceive.commands import CliError
+from perceive.commands import CliError, add_device_option
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from perceive.data.readers import FormatError
+    from perceive.devices import resolve_device
     from perceive.perceiver import ModelFolderError
     from perceive.train.checkpoint import CheckpointError
     from perceive.train.mvp import MVP_RECIPES
@@ -20,6 +22,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from perceive.train.trainer import RECIPES, train
 
     parts = _pretrained_parts(args)
+    try:  # a device this machine lacks fails now, not after the data is read
+        resolve_device(args.device)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise CliError("--fsdp shards the model over torchrun's processes: run torchrun --nproc_per_node N (N >= 2) "
+                       "-m perceive.cli train ...")  # fmt: skip
     if args.config in MVP_RECIPES or args.config in REFVLM_RECIPES:
         return _train_decoder_model(args, parts)
     if args.config not in RECIPES:
@@ -32,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, loader_workers=args.loader_workers)
     try:
         out = train(recipe, args.out, progress=not args.quiet, stop_after=args.stop_after, data=args.data,
-                    strict=args.strict, parts=parts)  # fmt: skip
+                    strict=args.strict, parts=parts, device=args.device, fsdp=args.fsdp)  # fmt: skip
     except (CheckpointError, ModelFolderError) as e:  # say which files, not a traceback
         raise CliError(str(e)) from None
     except (FormatError, FileNotFoundError) as e:  # a data spec or an annotation file that cannot be read
@@ -67,7 +76,7 @@ def _train_decoder_model(args: argparse.Namespace, parts) -> int:
     try:
         files = _file_data(args.data, args.strict, not args.quiet) if args.data is not None else None
         common = {"progress": not args.quiet, "stop_after": args.stop_after, "files": files, "data": args.data,
-                  "parts": parts}  # fmt: skip
+                  "parts": parts, "device": args.device, "fsdp": args.fsdp}  # fmt: skip
         if args.config in MVP_RECIPES:
             out = train_mvp(MVP_RECIPES[args.config], Path(args.out), **common)
         else:
@@ -88,7 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--config",
         default="tiny",
-        help="training recipe: tiny (default), smoke, mvp-tiny, mvp-smoke, refvlm-tiny or refvlm-smoke",
+        help="training recipe: tiny (default), smoke, mvp-tiny, mvp-smoke, refvlm-tiny, refvlm-smoke; the papers' "
+        "sizes for GPUs with --vision-tower, --convnext and --language-model: chatrex-7b, mvp-phi, refvlm-7b",
     )
     t.add_argument("--out", required=True, help="output folder (checkpoints, logs, the final model)")
     t.add_argument("--stop-after", type=int, default=None,
@@ -110,5 +120,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         t.add_argument(flag, type=Path, default=None, metavar="DIR",
                        help=f"start from {what}: a local transformers folder with safetensors weights; its "
                             f"configuration replaces the recipe's")  # fmt: skip
+    add_device_option(t)
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model's parameters, gradients and optimizer state over the "
+                        "processes (FSDP) instead of copying the model to each")  # fmt: skip
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -155,13 +155,17 @@ class EncodedImage:
 
 @torch.no_grad()
 def encode_images(images: Sequence, processor, model) -> list[EncodedImage]:
-    """``images`` (paths, bytes, PIL images or arrays) through ``processor.images`` and ``model.encode_image``, one
-    at a time."""
+    """``images`` (paths, bytes, PIL images or arrays) through ``processor.images`` and ``model.encode_image`` on the
+    model's device, one at a time."""
+    from perceive.devices import answering
     from perceive.images import load_image
 
     out = []
+    device = next(model.parameters()).device
     for im in images:
         arr = load_image(im)
         pixels, frames = processor.images([arr])
-        out.append(EncodedImage(arr, frames[0], model.encode_image(pixels["pixel_low"], pixels["pixel_high"])))
+        with answering(device):
+            image = model.encode_image(pixels["pixel_low"].to(device), pixels["pixel_high"].to(device))
+        out.append(EncodedImage(arr, frames[0], image))
     return out

@@ -107,15 +107,18 @@ class HungarianMatcher:
         target_groups: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q, t = class_cost.shape
-        empty = torch.zeros(0, dtype=torch.long)
+        device = class_cost.device  # the indices go back where the predictions are; the assignment runs on the CPU
+        empty = torch.zeros(0, dtype=torch.long, device=device)
         if q == 0 or t == 0:
             return empty, empty
-        c = self.cost(class_cost, pred_boxes, pred_masks, target_boxes, target_masks)
+        c = self.cost(class_cost, pred_boxes, pred_masks, target_boxes, target_masks).cpu()
         if not torch.isfinite(c).all():  # a diverged prediction must not break the assignment
             c = torch.nan_to_num(c, nan=1e4, posinf=1e4, neginf=-1e4)
         if query_groups is None or target_groups is None:
             rows, cols = linear_sum_assignment(c.numpy())
-            return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+            return (torch.as_tensor(rows, dtype=torch.long, device=device),
+                    torch.as_tensor(cols, dtype=torch.long, device=device))  # fmt: skip
+        query_groups, target_groups = query_groups.cpu(), target_groups.cpu()
         qi, ti = [], []
         for g in target_groups.unique().tolist():
             qs = (query_groups == g).nonzero().flatten()
@@ -123,8 +126,8 @@ class HungarianMatcher:
             if len(qs) == 0:
                 continue  # targets of a group without queries stay unmatched
             rows, cols = linear_sum_assignment(c[qs][:, ts].numpy())
-            qi.append(qs[torch.as_tensor(rows, dtype=torch.long)])
-            ti.append(ts[torch.as_tensor(cols, dtype=torch.long)])
+            qi.append(qs[torch.as_tensor(rows, dtype=torch.long, device="cpu")])
+            ti.append(ts[torch.as_tensor(cols, dtype=torch.long, device="cpu")])
         if not qi:
             return empty, empty
-        return torch.cat(qi), torch.cat(ti)
+        return torch.cat(qi).to(device), torch.cat(ti).to(device)

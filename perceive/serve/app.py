@@ -285,10 +285,10 @@ def create_app(perceiver, limits: Limits | None = None, token: str | None = None
 
 
 def serve(model: str | None, host: str, port: int, limits: Limits, allowed_hosts: Iterable[str] = (),
-          allowed_origins: Iterable[str] = ()) -> None:  # fmt: skip
+          allowed_origins: Iterable[str] = (), device: str = "cpu") -> None:  # fmt: skip
     from perceive.perceiver import load
 
-    perceiver = load(model)
+    perceiver = load(model, device)
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines", host)
     app = create_app(perceiver, limits, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)

@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from perceive.train.sharding import like, whole
+
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -31,21 +33,24 @@ class CheckpointError(ValueError):
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten an optimizer's state into named tensors plus JSON-able hyper-parameters."""
+    """Flatten an optimizer's state into named tensors plus JSON-able hyper-parameters; a sharded state is gathered
+    whole (``perceive.train.sharding``)."""
     sd = optimizer.state_dict()
     tensors = {}
-    for pid, state in sd["state"].items():
-        for name, value in state.items():
+    for pid in sorted(sd["state"]):  # in one order in every process: a sharded state is gathered tensor by tensor
+        for name, value in sorted(sd["state"][pid].items()):
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"state.{pid}.{name}"] = t.detach().cpu().contiguous()
+            tensors[f"state.{pid}.{name}"] = whole(t).detach().cpu().contiguous()
     return tensors, {"param_groups": sd["param_groups"]}
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, t in tensors.items():
         _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = t
+        param = params[int(pid)] if int(pid) < len(params) else None
+        state.setdefault(int(pid), {})[name] = like(param, t) if param is not None and t.dim() else t
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -94,12 +99,13 @@ def atomic_folder(final: Path) -> Iterator[Path]:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state as safetensors can write it: a tensor tied to one already listed (a language model's tied
-    input and output embeddings) is written again as a copy, so the checkpoint loads back strictly."""
+    """``model``'s state as safetensors can write it, a sharded one gathered whole: a tensor tied to one already
+    listed (a language model's tied input and output embeddings) is written again as a copy, so the checkpoint loads
+    back strictly."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in model.state_dict().items():
-        tensor = value.detach().cpu().contiguous()
+        tensor = whole(value).detach().cpu().contiguous()
         out[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen.add(tensor.data_ptr())
     return out
@@ -112,11 +118,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict,
     keep: int = 2,
+    write: bool = True,
 ) -> Path:
-    """Save ``step``'s checkpoint into ``folder`` atomically and delete all but the newest ``keep``."""
+    """Save ``step``'s checkpoint into ``folder`` atomically and delete all but the newest ``keep``. A sharded model's
+    processes all call this (they gather its shards); only those told to ``write`` do."""
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    weights = model_tensors(model)
+    if not write:
+        return folder / f"step_{step:07d}"
     files = {
-        MODEL_FILE: save(model_tensors(model)),
+        MODEL_FILE: save(weights),
         OPTIMIZER_FILE: save(opt_tensors),
         RNG_FILE: save({"torch": torch.get_rng_state()}),
     }
@@ -242,8 +253,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state. Raises ``CheckpointError`` (and changes nothing) if any of its files is missing, unreadable or
     does not fit."""
     ckpt = read_checkpoint(path, model, optimizer)
+    own = model.state_dict()
     try:
-        model.load_state_dict(ckpt.weights, strict=True)
+        model.load_state_dict({k: like(own[k], v) for k, v in ckpt.weights.items()}, strict=True)
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path / MODEL_FILE}: does not fit the model ({str(e).splitlines()[0]})") from None
     try:

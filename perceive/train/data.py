@@ -339,7 +339,7 @@ def propose(upn, images: list[np.ndarray]) -> list[np.ndarray]:
     size = upn.config.image_size
     was_training = upn.training
     upn.eval()
-    out = upn.propose(square_pixels(images, size))
+    out = upn.propose(square_pixels(images, size).to(next(upn.parameters()).device))
     upn.train(was_training)
-    return [(o["boxes"] * (max(im.shape[:2]) / size)).numpy().astype(np.float32)
+    return [(o["boxes"].float().cpu() * (max(im.shape[:2]) / size)).numpy().astype(np.float32)
             for o, im in zip(out, images, strict=True)]  # fmt: skip

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from perceive.data.records import ImageRecord
+from perceive.devices import autocast, resolve_device, to_device
 from perceive.models.pretrained_parts import PretrainedParts
 from perceive.tokenization import add_tokens, load_tokenizer
 from perceive.train.data import RecordStream
+from perceive.train.sharding import save_model, whole_state
 
 
 @dataclass
@@ -106,18 +108,19 @@ def train_one_stage(
     name: str, recipe: OneStageRecipe, out: Path, build_tokenizer: Callable[[list[str]], Any],
     added_tokens: Sequence[str], build: Callable[[Any, RecordStream], tuple[torch.nn.Module, TaskBatches]],
     progress: bool = True, stop_after: int | None = None, files: RecordStream | None = None,
-    data: str | Path | None = None, parts: PretrainedParts | None = None,
+    data: str | Path | None = None, parts: PretrainedParts | None = None, device: str = "cpu", fsdp: bool = False,
 ) -> Path:  # fmt: skip
     """A decoder model's one-stage recipe into ``out``, resuming whatever is there: the tokenizer built once over
     the world's texts (or the files'), or the language model's of ``parts``, ``build(tokenizer, records)`` gives the
-    model and its batches; the model and its tokenizer are saved in ``out/model`` at the end."""
+    model and its batches, trained on ``device`` (sharded over torchrun's processes with ``fsdp``); the model and its
+    tokenizer are saved in ``out/model`` at the end."""
     from perceive.train.checkpoint import atomic_folder
     from perceive.train.data import WorldStream
     from perceive.train.trainer import Distributed, _loop, autocast_dtype, data_vocabulary, loss_curve
     from perceive.world.generator import WorldConfig
 
-    dtype = autocast_dtype(recipe.precision)
-    ddp = Distributed()
+    dtype = autocast_dtype(recipe.precision, resolve_device(device))
+    ddp = Distributed(device, fsdp)
     world = WorldConfig(**recipe.world)
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,14 +141,15 @@ def train_one_stage(
     torch.manual_seed(recipe.seed)
     records: RecordStream = files if files is not None else WorldStream(world, masks=True)
     model, batches = build(tokenizer, records)
+    ddp.prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     b = recipe.batch_size
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe.steps, recipe.warmup, recipe.lr)
-        batch = batches.batch([step * b * ddp.world + ddp.rank * b + j for j in range(b)])
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        batch = to_device(batches.batch([step * b * ddp.world + ddp.rank * b + j for j in range(b)]), ddp.device)
+        with autocast(ddp.device, dtype):
             result = model(**batch)
         assert result.loss is not None
         result.loss.backward()
@@ -154,9 +158,10 @@ def train_one_stage(
     log = out / "train_log.jsonl"
     end = _loop(name, out, model, optimizer, recipe.steps, step_fn, recipe.checkpoint_every, ddp, progress, log,
                 stop_after)  # fmt: skip
+    state = whole_state(model) if end >= recipe.steps else None  # every process gathers a sharded model
     if end >= recipe.steps and ddp.main:
         with atomic_folder(out / "model") as tmp:
-            model.save_pretrained(str(tmp))  # type: ignore[operator]
+            save_model(model, tmp, state)
             tokenizer.save_pretrained(str(tmp))
         loss_curve(log, out / "loss_curve.png", phases=(name,))
     ddp.barrier()

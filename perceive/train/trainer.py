@@ -27,10 +27,13 @@ from typing import cast
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from safetensors import SafetensorError
+from torch.distributed.tensor import DTensor
 
 from perceive.data.records import AttributeSchema, ImageRecord
 from perceive.data.tasks import check_refer_options
+from perceive.devices import autocast, resolve_device, to_device
 from perceive.models.chatrex.configuration_chatrex import NAMED_CONFIGS, ChatRexConfig, named_config
 from perceive.models.chatrex.modeling_chatrex import ChatRexForConditionalGeneration
 from perceive.models.chatrex.processing_chatrex import ChatRexProcessor
@@ -49,6 +52,7 @@ from perceive.train.data import (
     world_model_options,
 )
 from perceive.train.loader import BatchFeed
+from perceive.train.sharding import is_sharded, save_model, shard, whole_state
 from perceive.world.generator import WorldConfig, generate_scene
 
 ALIGNMENT_TASKS = {"region_category": 2.0, "region_phrase": 1.0, "caption_brief": 1.0}
@@ -137,6 +141,13 @@ RECIPES = {
                     world={"size": 128, "person_share": 0.35, "max_objects": 5},
                     stages=[Stage("alignment", 2, 1e-3, "alignment", ALIGNMENT_TASKS),
                             Stage("perception", 2, 1e-3, "all", PERCEPTION_TASKS), Stage("joint", 2, 1e-3, "all")]),
+    # ChatRex's real size (Sec. 4.2, B.2), meant for GPUs with the parts read from folders (--vision-tower, --convnext,
+    # --language-model): 1e-3 while only the projectors and the new tokens learn, 2e-5 once everything does, 16
+    # samples a GPU. The papers' settings, not measured here (no GPU); the steps are a starting point
+    "chatrex-7b": Recipe(model="chatrex-7b", precision="bf16", batch_size=16, warmup=100, checkpoint_every=500,
+                         stages=[Stage("alignment", 2000, 1e-3, "alignment", ALIGNMENT_TASKS),
+                                 Stage("perception", 6000, 2e-5, "all", PERCEPTION_TASKS),
+                                 Stage("joint", 4000, 2e-5, "all")]),
 }  # fmt: skip
 
 
@@ -161,12 +172,16 @@ def cpu_has_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a recipe's ``precision`` on this machine's CPU, None for float32."""
+def autocast_dtype(precision: str, device: torch.device | None = None) -> torch.dtype | None:
+    """The autocast dtype of a recipe's ``precision`` on ``device`` (this machine's CPU by default), None for float32
+    and for hardware without bf16 (MPS's autocast is left alone)."""
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if precision == "fp32":
+    kind = "cpu" if device is None else device.type
+    if precision == "fp32" or kind == "mps":
         return None
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if not cpu_has_bf16():  # emulated bf16 is slower than float32
         warnings.warn("this CPU has no bf16 matrix instructions: training in float32 (slower than the recipe's "
                       "measured timings)", stacklevel=2)  # fmt: skip
@@ -193,21 +208,34 @@ def _lr(step: int, stage_start: int, stage: Stage, warmup: int) -> float:
 
 
 class Distributed:
-    def __init__(self) -> None:
+    """The processes of a run under ``torchrun``: each takes its share of a step's batch; gradients are averaged
+    with gloo on the CPU and NCCL on CUDA, where each process takes the GPU of its ``LOCAL_RANK``."""
+
+    def __init__(self, device: str | torch.device = "cpu", fsdp: bool = False) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.fsdp = fsdp  # the MLLM's parameters, gradients and optimizer state sharded (``perceive.train.sharding``)
+        self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move ``model`` to the device and, with ``fsdp``, shard it; build its optimizer after this."""
+        nn.Module.to(model, self.device)
+        return shard(model, self.device) if self.fsdp else model
+
     def average_gradients(self, model: torch.nn.Module) -> None:
         if self.world == 1:
             return
         for p in model.parameters():
-            if p.requires_grad:
+            if p.requires_grad and not isinstance(p, DTensor):  # FSDP averages its shards' gradients itself
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
@@ -267,8 +295,8 @@ def _loop(
             with open(log, "a") as f:
                 f.write(json.dumps({"phase": name, "step": step, **values, "steps_per_s": round(rate, 3)}) + "\n")
         if step % every == 0 or step == total:
-            if ddp.main:
-                save_checkpoint(folder, step, model, optimizer, {"phase": name})
+            if ddp.main or is_sharded(model):  # every process of a sharded model gathers its shards
+                save_checkpoint(folder, step, model, optimizer, {"phase": name}, write=ddp.main)
             ddp.barrier()
         if stop_after is not None and done >= stop_after:
             break
@@ -331,7 +359,7 @@ def _train_box_refinement(
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         for group in opt.param_groups:
             group["lr"] = recipe.upn_refine_lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / total))
-        x, boxes, _ = _upn_batch(recipe.seed + 11, step, b, ddp, world, files)
+        x, boxes, _ = to_device(_upn_batch(recipe.seed + 11, step, b, ddp, world, files), ddp.device)
         with torch.no_grad():
             res = upn(x)
         loss = upn.refinement_loss(res, x, boxes)
@@ -357,7 +385,9 @@ def train_upn(
     ended the phase early."""
     if (out / "upn" / "model.safetensors").is_file():  # saved whole or not at all (``atomic_folder``)
         try:
-            return UpnModel.from_pretrained(str(out / "upn"))
+            upn = UpnModel.from_pretrained(str(out / "upn"))
+            nn.Module.to(upn, ddp.device)  # transformers' own ``to`` is typed for its model alone
+            return upn
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise CheckpointError(f"{out / 'upn'}: the trained UPN cannot be loaded ({str(e).splitlines()[0]}); "
                                   f"move it away to save it again from {out / 'checkpoints'}") from None  # fmt: skip
@@ -365,13 +395,14 @@ def train_upn(
     world = WorldConfig(**{**recipe.world, "size": cfg.image_size})
     torch.manual_seed(recipe.seed)
     upn = UpnModel(cfg)
+    nn.Module.to(upn, ddp.device)
     opt = torch.optim.AdamW(upn.parameters(), lr=recipe.upn_lr, weight_decay=1e-4)
     b = recipe.upn_batch_size
 
     def step_fn(step: int) -> dict[str, torch.Tensor]:
         for group in opt.param_groups:
             group["lr"] = recipe.upn_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / recipe.upn_steps))
-        x, boxes, gran = _upn_batch(recipe.seed + 7, step, b, ddp, world, files)
+        x, boxes, gran = to_device(_upn_batch(recipe.seed + 7, step, b, ddp, world, files), ddp.device)
         res = upn(x)
         losses = upn.loss(res, upn.targets(boxes, gran, res["scores"].shape[-1]))
         losses["loss"].backward()
@@ -398,19 +429,23 @@ def train(
     data: str | Path | None = None,
     strict: bool = False,
     parts: PretrainedParts | None = None,
+    device: str = "cpu",
+    fsdp: bool = False,
 ) -> Path:
     """Train a model into ``out`` (resuming whatever is there), on the world or on the files of the data spec
     ``data`` (``perceive.data.spec``; ``strict``: stop at its first bad record), its vision tower, ConvNeXt or
     language model (and tokenizer) read from the folders of ``parts``. ``stop_after`` ends each phase (UPN,
-    MLLM) of this call after that many steps (for tests and for splitting long runs); run it again to continue."""
+    MLLM) of this call after that many steps (for tests and for splitting long runs); run it again to continue.
+    ``device``: where it trains (``perceive.devices``; on CUDA under bf16 autocast); ``fsdp``: the MLLM sharded over
+    torchrun's processes (``perceive.train.sharding``)."""
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
         recipe = RECIPES[recipe]
     out = Path(out)
-    dtype = autocast_dtype(recipe.precision)  # checked before the UPN's minutes, not after them
+    dtype = autocast_dtype(recipe.precision, resolve_device(device))  # checked before the UPN's minutes, not after
     files = _file_data(data, strict, progress) if data is not None else None
-    ddp = Distributed()
+    ddp = Distributed(device, fsdp)
     if ddp.main:
         out.mkdir(parents=True, exist_ok=True)
         made = {**asdict(recipe), "data": None if data is None else str(data),
@@ -438,6 +473,7 @@ def train(
     if files is not None and recipe.upn_proposals:
         proposals = _file_proposals(files, upn, out, ddp, progress)
     records: RecordStream = files if files is not None else WorldStream(WorldConfig(**recipe.world))
+    ddp.prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stages[0].lr, weight_decay=0.01)
     starts = [sum(s.steps for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     world_upn = upn if recipe.upn_proposals and files is None else None  # files read their proposals computed once
@@ -467,8 +503,8 @@ def train(
             current["trainable"] = stage.trainable
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, starts[i], stage, recipe.warmup)
-        batch = feed.get(step)
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        batch = to_device(feed.get(step), ddp.device)
+        with autocast(ddp.device, dtype):
             out_ = model(**batch)
         out_.loss.backward()
         return {"loss": out_.loss.detach(), **{k: v.detach() for k, v in out_.losses.items()}}
@@ -476,9 +512,10 @@ def train(
     end = _loop("mllm", out, model, optimizer, recipe.total_steps, step_fn, recipe.checkpoint_every, ddp, progress,
                 log, stop_after)  # fmt: skip
     feed.close()
+    state = whole_state(model) if end >= recipe.total_steps else None  # every process gathers a sharded model
     if end >= recipe.total_steps and ddp.main:
         with atomic_folder(out / "model") as tmp:
-            model.save_pretrained(str(tmp))
+            save_model(model, tmp, state)
             tokenizer.save_pretrained(str(tmp))
             upn.save_pretrained(str(tmp / "upn"))
         loss_curve(log, out / "loss_curve.png")

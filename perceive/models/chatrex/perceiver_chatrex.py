@@ -19,6 +19,7 @@ import torch
 from perceive.answer import Answer, GroundedObject
 from perceive.boxes import check_pixel_boxes
 from perceive.data.templates import CHATREX_TEMPLATES, PHRASE_SEPARATOR
+from perceive.devices import answering, on_cpu, to_device
 from perceive.formats import chatrex
 from perceive.images import load_image
 from perceive.models.chatrex.configuration_chatrex import ChatRexConfig
@@ -137,7 +138,9 @@ class ChatRexPerceiver(Perceiver):
             raise ValueError(f"unknown granularity {granularity!r}; known: {', '.join(PROPOSAL_GRANULARITIES)}")
         frame = ImageFrame(image.shape[1], image.shape[0])
         size = self.upn.config.image_size
-        out = self.upn.propose(square_pixels([image], size), max_proposals=self.model.config.max_objects)[0]
+        # in float32 on every device, as it was trained: box regression loses too much in bf16
+        found = self.upn.propose(square_pixels([image], size).to(self.device), self.model.config.max_objects)
+        out = on_cpu(found[0])
         boxes, scores = frame.to_pixels(out["boxes"].numpy() / size), out["scores"].numpy()
         if granularity == "both":
             return boxes, scores
@@ -198,12 +201,14 @@ class ChatRexPerceiver(Perceiver):
         pixels, _ = self.processor.images(arrays)
         norm = [f.normalize(b) for f, b in zip(frames, per_boxes, strict=True)]
         k = max(1, max(len(b) for b in norm))
-        box_t = torch.zeros(len(arrays), k, 4)
-        mask = torch.zeros(len(arrays), k, dtype=torch.bool)
+        box_t = torch.zeros(len(arrays), k, 4, device=self.device)
+        mask = torch.zeros(len(arrays), k, dtype=torch.bool, device=self.device)
         for i, b in enumerate(norm):
-            box_t[i, : len(b)] = torch.as_tensor(b)
+            box_t[i, : len(b)] = torch.as_tensor(b, dtype=torch.float32, device=self.device)
             mask[i, : len(b)] = True
-        visual = self.model.encode_visual(pixels["pixel_low"], pixels["pixel_high"], pixels["rgb_high"], box_t, mask)
+        images = to_device([pixels["pixel_low"], pixels["pixel_high"], pixels["rgb_high"]], self.device)
+        with answering(self.device):
+            visual = self.model.encode_visual(*images, box_t, mask)
         return [
             EncodedImage(arr, frame, b, sc, n, {key: visual[key][i : i + 1, : None if key == "image_tokens" else len(b)]
                                                 for key in ANSWER_INPUTS if key in visual})
@@ -228,6 +233,7 @@ class ChatRexPerceiver(Perceiver):
                                  f"before its answer (shorten the question or give fewer boxes)")  # fmt: skip
             examples.append(ex)
         batch = self.processor.collate(examples, [e.frame.normalize(e.boxes) for e in encoded], pad_left=True)
+        batch = to_device(batch, self.device)
         k = batch["boxes"].shape[1]
         visual = {}
         for key in ANSWER_INPUTS:
@@ -241,7 +247,8 @@ class ChatRexPerceiver(Perceiver):
         phrases = [grounding_phrases(q) if force_phrases else None for q in questions]
         plans = [self.grammar.plan(self.tokenizer, p) if p else None for p in phrases]
         samples = [{"num_boxes": len(e.boxes)} for e in encoded]
-        generated = generate(self.model.begin_decoding(batch), self.grammar, samples, max_new_tokens, plans=plans)
+        with answering(self.device):
+            generated = generate(self.model.begin_decoding(batch), self.grammar, samples, max_new_tokens, plans=plans)
         answers = []
         for g, enc in zip(generated, encoded, strict=True):
             text = decode_text(self.tokenizer, g.token_ids)

@@ -310,7 +310,7 @@ class MvpForConditionalGeneration(MvpPreTrainedModel):
         total = {k: preds[0].boxes.new_zeros(()) for k in ("class", "mask", "dice", "l1", "giou")}
         for p in preds:
             q = p.boxes.shape[1]
-            query_groups = (torch.arange(q) >= cfg.thing_queries).long()
+            query_groups = (torch.arange(q, device=p.boxes.device) >= cfg.thing_queries).long()
             for b, t in enumerate(targets):
                 c = int(span_valid[b].sum())
                 logits = torch.cat([p.class_logits[b, :, :c], p.background[b, :, None]], -1).float()
@@ -338,7 +338,11 @@ class MvpForConditionalGeneration(MvpPreTrainedModel):
                     weight[c] = cfg.no_object_weight
                     total["class"] = total["class"] + F.cross_entropy(logits, goal, weight=weight)
                 if len(qi):
-                    has_mask = t["has_mask"][ti] if "has_mask" in t else torch.ones(len(ti), dtype=torch.bool)
+                    has_mask = (
+                        t["has_mask"][ti]
+                        if "has_mask" in t
+                        else torch.ones(len(ti), dtype=torch.bool, device=ti.device)
+                    )
                     mq, mt = qi[has_mask], ti[has_mask]  # a target known by its box alone teaches no mask
                     total["mask"] = total["mask"] + mask_bce_loss(masks[mq].float(), tmasks[mt].float()) / n_targets
                     total["dice"] = total["dice"] + dice_loss(masks[mq].float(), tmasks[mt].float()) / n_targets

@@ -26,6 +26,7 @@ import torch
 
 from perceive.answer import Answer, GroundedObject
 from perceive.boxes import mask_to_rle
+from perceive.devices import answering, on_cpu
 from perceive.formats.mvp import PER, SENTENCE_TASK, WORD_TASK, Instruction, parse_prompt, word_instruction
 from perceive.images import load_image
 from perceive.models.folder_checks import (
@@ -112,15 +113,19 @@ class MvpPerceiver(Perceiver):
     def decode(self, encoded: EncodedImage, instruction: Instruction) -> Decoded:
         """Write the caption greedily until ``<PER>`` (or the budget, or the end token: then the result lead and
         ``<PER>`` are written for it), then run the decoder on ``<PER>``'s state."""
-        model, proc = self.model, self.processor
+        with answering(self.device):
+            return self._decode(encoded, instruction)
+
+    def _decode(self, encoded: EncodedImage, instruction: Instruction) -> Decoded:
+        model, proc, device = self.model, self.processor, self.device
         prompt, spans = proc.prompt(instruction)
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=device)
         emb = model.embed(ids, encoded.image["image_tokens"])
         lm = model.language_model
         out = lm(inputs_embeds=emb, use_cache=True, output_hidden_states=True)
         prompt_states = model.text_states(out.hidden_states)
         cache = output_cache(out)
-        banned = torch.tensor([proc.image_id, proc.user_id, proc.assistant_id, proc.pad_id])
+        banned = torch.tensor([proc.image_id, proc.user_id, proc.assistant_id, proc.pad_id], device=device)
         written: list[int] = []
         problems: list[str] = []
         logits = out.logits[0, -1]
@@ -140,21 +145,22 @@ class MvpPerceiver(Perceiver):
                 forced = []
                 break
             written.append(token)
-            out = lm(input_ids=torch.tensor([[token]]), use_cache=True, **{CACHE_ARGUMENT: cache})
+            out = lm(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{CACHE_ARGUMENT: cache})
             cache, logits = output_cache(out), out.logits[0, -1]
         tail = [*forced, proc.per_id]
-        out = lm(input_ids=torch.tensor([tail]), use_cache=True, output_hidden_states=True, **{CACHE_ARGUMENT: cache})
+        out = lm(input_ids=torch.tensor([tail], device=device), use_cache=True, output_hidden_states=True,
+                 **{CACHE_ARGUMENT: cache})  # fmt: skip
         per_state = out.hidden_states[-1][:, -1]
-        span_t = torch.tensor([spans])
-        valid = torch.ones((1, len(spans)), dtype=torch.bool)
-        sentence = torch.tensor([instruction.kind == "sentence"])
+        span_t = torch.tensor([spans], device=device)
+        valid = torch.ones((1, len(spans)), dtype=torch.bool, device=device)
+        sentence = torch.tensor([instruction.kind == "sentence"], device=device)
         text = model.text_embeddings(prompt_states, span_t, valid)
         words = model.instruction_tokens(prompt_states, span_t, valid)
         preds = model.decode(per_state, text, valid, sentence, encoded.image["mask_features"], encoded.image["memory"],
                              words)  # fmt: skip
         response = decode_text(self.tokenizer, [*written, *tail])
         caption = decode_text(self.tokenizer, written).strip().rstrip(".").strip()
-        return Decoded(response, caption, preds[-1], problems)
+        return Decoded(response, caption, on_cpu(preds[-1]), problems)
 
     # -- answers ------------------------------------------------------------------------------------------------
     def ask_batch(

@@ -202,7 +202,7 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
             h, w = level.shape[-2:]
             flat.append(level.flatten(2).transpose(1, 2))
             pos.append(sine_positions(h, w, level.shape[1], level.device).to(level.dtype) + self.level_embed.weight[i])
-        sizes = torch.tensor([level.shape[-2:] for level in memory])
+        sizes = torch.tensor([level.shape[-2:] for level in memory], device="cpu")  # shapes, read as Python ints
         return {"image_tokens": self.projector(tokens), "globals": globals_, "mask_features": mask_features,
                 "memory": torch.cat(flat, 1), "memory_pos": torch.cat(pos, 0)[None], "memory_sizes": sizes}  # fmt: skip
 
@@ -387,16 +387,18 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
         """``[R, T]``: each ``<REF>`` of sample ``b`` against each target, the costs of its units' decoders summed."""
         cfg = self.config
         n_refs, n_t = len(units), len(t["boxes"])
-        cost = torch.zeros((n_refs, n_t))
+        device = t["boxes"].device
+        cost = torch.zeros((n_refs, n_t), device=device)
         for u in UNITS:
             refs = routed[u].index[b]
             if not refs:
                 continue
             p = routed[u].layers[-1]
-            rows = torch.arange(len(refs))
+            rows = torch.arange(len(refs), device=device)
             if u == "box":
                 assert p.boxes is not None
-                c = self.box_costs.cost(torch.zeros((len(refs), n_t)), p.boxes[b, rows], None, t["boxes"], None)
+                c = self.box_costs.cost(torch.zeros((len(refs), n_t), device=device), p.boxes[b, rows], None,
+                                        t["boxes"], None)  # fmt: skip
             elif u == "mask":
                 assert p.masks is not None
                 pm, tm = p.masks[b, rows].flatten(1).float().detach(), t["masks"].flatten(1).float()
@@ -404,7 +406,7 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
             else:
                 assert p.heatmaps is not None
                 c = keypoint_cost(p.heatmaps[b, rows].detach(), t["keypoints"]) * cfg.l1_weight
-            cost[torch.tensor(refs)] += c.float()
+            cost[torch.tensor(refs, device=device)] += c.float()
         return cost
 
     def unit_losses(self, routed: dict[str, Routed], ref_units: list[torch.Tensor],
@@ -426,8 +428,8 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
                 pairs = [(slot[int(q)], int(k)) for q, k in zip(qi, ti, strict=True) if int(q) in slot]
                 if not pairs:
                     continue
-                qs = torch.tensor([p[0] for p in pairs])
-                ts = torch.tensor([p[1] for p in pairs])
+                qs = torch.tensor([p[0] for p in pairs], device=device)
+                ts = torch.tensor([p[1] for p in pairs], device=device)
                 counts[u] += len(pairs)
                 for p in routed[u].layers:
                     total[u] = total[u] + self.pair_loss(u, p, b, qs, ts, t)
@@ -444,7 +446,11 @@ class RefVlmForConditionalGeneration(RefVlmPreTrainedModel):
         """The selection scores' BCE + dice against where each ``<REF>``'s phrase's targets are (their masks, or
         their boxes' areas for targets without one) on the memory's cells, averaged over the ``<REF>`` s."""
         cfg = self.config
-        total = selection.scores[0].new_zeros((), dtype=torch.float32) if selection.scores else torch.zeros(())
+        total = (
+            selection.scores[0].new_zeros((), dtype=torch.float32)
+            if selection.scores
+            else torch.zeros((), device="cpu")
+        )
         count = 0
         for scores, t in zip(selection.scores, targets, strict=True):
             if not len(scores) or not len(t["boxes"]):

@@ -22,6 +22,7 @@ import torch
 from perceive.answer import Answer, GroundedObject
 from perceive.boxes import mask_to_rle
 from perceive.data.tasks_refvlm import RefVlmItem
+from perceive.devices import answering, on_cpu
 from perceive.formats import refvlm as trp
 from perceive.models.folder_checks import (
     build_config,
@@ -155,9 +156,15 @@ class RefVlmPerceiver(Perceiver):
                  constrained: bool = True) -> Decoded:  # fmt: skip
         """The answer under the TRP grammar and its decoders' outputs. ``constrained=False`` decodes greedily
         without the grammar (to measure what it adds); its malformed answers are reported, not raised."""
-        masks = self.processor.prompt_masks(prompts, encoded.frame)
+        with answering(self.device):
+            return self._generate(encoded, question, prompts, constrained)
+
+    def _generate(
+        self, encoded: EncodedImage, question: str, prompts: list[VisualPrompt], constrained: bool
+    ) -> Decoded:
+        masks = self.processor.prompt_masks(prompts, encoded.frame).to(self.device)
         prompt_ids = self.processor.prompt(question, len(prompts))
-        embeds = self.model.embed(torch.tensor([prompt_ids]), encoded.image, [masks])
+        embeds = self.model.embed(torch.tensor([prompt_ids], device=self.device), encoded.image, [masks])
         session = RefVlmDecoding(self.model, embeds)
         budget = min(self.max_new_tokens, int(self.config.text().max_position_embeddings) - len(prompt_ids))
         gen = generate(session, self.grammar, [{}], budget, constrained=constrained)[0]
@@ -167,7 +174,7 @@ class RefVlmPerceiver(Perceiver):
         text = self.render(self.state_after(tokens)) if constrained else decode_text(self.tokenizer, tokens)
         # every fed token's layer-averaged state: the prompt's and each generated token's (the end token is never fed)
         means = torch.cat([session.prompt_means, *[m[None] for m in session.means[: len(tokens)]]])[None]
-        ids = torch.tensor([prompt_ids + tokens])
+        ids = torch.tensor([prompt_ids + tokens], device=self.device)
         words = self.model.text_memory(means, self.model.text_positions(ids))
         decoded = self.decode_refs(text, states, encoded, words, masks)
         decoded.tokens = list(tokens)
@@ -177,10 +184,10 @@ class RefVlmPerceiver(Perceiver):
     def teacher_forced(self, encoded: EncodedImage, item: RefVlmItem) -> Decoded:
         """The decoders' outputs when the model reads ``item``'s true answer instead of writing its own (what the
         decoders achieve given the right words)."""
-        masks = self.processor.prompt_masks(item.prompts, encoded.frame)
+        masks = self.processor.prompt_masks(item.prompts, encoded.frame).to(self.device)
         prompt_ids = self.processor.prompt(item.question, len(item.prompts))
         answer = self.processor.answer(item)
-        ids = torch.tensor([prompt_ids + answer.ids])
+        ids = torch.tensor([prompt_ids + answer.ids], device=self.device)
         out = self.model.language_model(inputs_embeds=self.model.embed(ids, encoded.image, [masks]),
                                         output_hidden_states=True)  # fmt: skip
         states = out.hidden_states[-1][0, ids[0] == self.processor.pieces.ref]
@@ -212,11 +219,12 @@ class RefVlmPerceiver(Perceiver):
         if n != parsed.num_refs:
             problems.append(f"the answer has {parsed.num_refs} <REF> in its text but {n} states")
             units, phrases = units[:n], phrases[:n]
-        ref_states = [states if states is not None else torch.zeros((0, self.config.text().hidden_size))]
+        empty = torch.zeros((0, self.config.text().hidden_size), device=self.device)
+        ref_states = [states if states is not None else empty]
         refs = ref_states[:1] if n else [ref_states[0][:0]]
         selection = self.model.select(refs, encoded.image, None if prompt_masks is None else [prompt_masks])
-        routed = self.model.decode(refs, [units_tensor(units)], encoded.image, words, selection)
-        return Decoded(text, parsed, units, phrases, routed, problems)
+        routed = self.model.decode(refs, [units_tensor(units).to(self.device)], encoded.image, words, selection)
+        return Decoded(text, parsed, units, phrases, on_cpu(routed), problems)
 
     def render(self, state: TrpState) -> str:
         """The canonical TRP text of a finished grammar state (``perceive.formats.refvlm.render``)."""

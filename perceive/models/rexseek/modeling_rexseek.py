@@ -40,7 +40,8 @@ def sine_box_embedding(boxes: torch.Tensor, dim: int) -> torch.Tensor:
     """``[N, 4 * dim]`` for ``[N, 4]`` xyxy boxes in [0, 1]: sin/cos of centre y, centre x, width, height."""
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
-    freq = 10000 ** (2 * torch.div(torch.arange(dim, dtype=torch.float32), 2, rounding_mode="floor") / dim)
+    steps = torch.arange(dim, dtype=torch.float32, device=boxes.device)
+    freq = 10000 ** (2 * torch.div(steps, 2, rounding_mode="floor") / dim)
 
     def encode(c: torch.Tensor) -> torch.Tensor:
         p = c[:, None] * (2 * math.pi) / freq
@@ -156,7 +157,7 @@ class RexSeekForCausalLM(nn.Module):
 
         def flush() -> None:
             if text:
-                parts.append(table(torch.tensor(text)))
+                parts.append(table(torch.tensor(text, device=table.weight.device)))
                 text.clear()
 
         for t in ids:

@@ -136,9 +136,10 @@ class RexSeekPerceiver(Perceiver):
         size_aux, size_clip = self.model.aux_size, self.model.clip_size
         pixels = [image_inputs(a, size_aux, size_clip) for a in arrays]
         dtype = self.model.model.embed_tokens.weight.dtype
-        frames = [box_inputs(b, a.shape[1], a.shape[0], size_aux) for a, b in zip(arrays, checked, strict=True)]
-        image_tokens, objects = self.model.encode(torch.stack([p[0] for p in pixels]).to(dtype),
-                                                  torch.stack([p[1] for p in pixels]).to(dtype), frames)  # fmt: skip
+        frames = [box_inputs(b, a.shape[1], a.shape[0], size_aux).to(self.device)
+                  for a, b in zip(arrays, checked, strict=True)]  # fmt: skip
+        aux, clip = (torch.stack([p[k] for p in pixels]).to(self.device, dtype) for k in (0, 1))
+        image_tokens, objects = self.model.encode(aux, clip, frames)
         answers = []
         for i, question in enumerate(questions):
             ids = prompt_ids(self.tokenizer, question, len(checked[i]))
@@ -159,7 +160,7 @@ class RexSeekPerceiver(Perceiver):
         for _ in range(max_new_tokens):
             scores = logits[0].float()
             if self.repetition_penalty != 1.0 and tokens:  # transformers' RepetitionPenaltyLogitsProcessor
-                seen = torch.tensor(sorted(set(tokens)))
+                seen = torch.tensor(sorted(set(tokens)), device=scores.device)
                 picked = scores[seen]
                 scores[seen] = torch.where(
                     picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty
@@ -168,5 +169,7 @@ class RexSeekPerceiver(Perceiver):
             if token in self.end_ids:
                 break
             tokens.append(token)
-            logits, cache = self.model(self.model.model.embed_tokens(torch.tensor([[token]])), cache)
+            logits, cache = self.model(
+                self.model.model.embed_tokens(torch.tensor([[token]], device=self.device)), cache
+            )
         return tokens

@@ -106,11 +106,12 @@ class UpnModel(PreTrainedModel):
         """Gaussian centre heatmaps and regression targets from per-image ``xyxy`` pixel boxes."""
         s = self.config.stride
         b = len(boxes)
-        heat = torch.zeros(b, len(GRANULARITIES), map_size, map_size)
-        reg = torch.zeros(b, 4, map_size, map_size)
-        mask = torch.zeros(b, map_size, map_size, dtype=torch.bool)
-        ys = torch.arange(map_size, dtype=torch.float32)[:, None]
-        xs = torch.arange(map_size, dtype=torch.float32)[None, :]
+        # drawn box by box on the CPU, then moved where the boxes are
+        heat = torch.zeros(b, len(GRANULARITIES), map_size, map_size, device="cpu")
+        reg = torch.zeros(b, 4, map_size, map_size, device="cpu")
+        mask = torch.zeros(b, map_size, map_size, dtype=torch.bool, device="cpu")
+        ys = torch.arange(map_size, dtype=torch.float32, device="cpu")[:, None]
+        xs = torch.arange(map_size, dtype=torch.float32, device="cpu")[None, :]
         for i, (bx, gr) in enumerate(zip(boxes, granularity, strict=True)):
             for (x0, y0, x1, y1), g in zip(bx.tolist(), gr.tolist(), strict=True):
                 w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
@@ -119,9 +120,10 @@ class UpnModel(PreTrainedModel):
                 sigma = max(0.5, 0.12 * math.sqrt(w * h) / s)
                 gauss = torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma**2))
                 heat[i, g] = torch.maximum(heat[i, g], gauss)
-                reg[i, :, iy, ix] = torch.tensor([cx - ix, cy - iy, math.log(w / s), math.log(h / s)])
+                reg[i, :, iy, ix] = torch.tensor([cx - ix, cy - iy, math.log(w / s), math.log(h / s)], device="cpu")
                 mask[i, iy, ix] = True
-        return {"heat": heat, "reg": reg, "mask": mask}
+        device = boxes[0].device if boxes else torch.device("cpu")
+        return {"heat": heat.to(device), "reg": reg.to(device), "mask": mask.to(device)}
 
     def loss(self, out: dict[str, torch.Tensor], targets: dict) -> dict[str, torch.Tensor]:
         """CenterNet's penalty-reduced focal loss on the heatmaps and L1 on the boxes at centres."""
