@@ -7,13 +7,12 @@ import copy
 import json
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cli
 from PIL import Image
 
 import perceive
@@ -180,8 +179,7 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
     image = tmp_path / "scene.png"
     Image.new("RGB", (64, 64), (120, 90, 30)).save(image)
     question = "Please detect circle in this image. Answer the question with object indexes."
-    run = subprocess.run([sys.executable, "-m", "perceive.cli", "ask", str(image), question, "--model", str(folder)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = run_cli("ask", image, question, "--model", folder)
     assert run.returncode == 1 and run.stdout == ""
     assert "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()

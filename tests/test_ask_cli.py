@@ -1,11 +1,10 @@
 """``perceive ask`` with the user's own boxes and visual prompts, on the shipped checkpoint."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from PIL import Image
 
 from perceive.world.generator import WorldConfig, generate_scene
@@ -14,7 +13,7 @@ QUESTION = "Please detect person in this image. Answer the question with object 
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "perceive.cli", *args], capture_output=True, text=True, timeout=300)
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ shipped model's default parts, and Ray."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from PIL import Image
 
 from perceive.data.sources.humanref import HumanRefSource
@@ -202,18 +201,14 @@ def world_images(tmp_path_factory):
 
 def test_the_shipped_model_annotates_world_images_from_the_command_line(world_images, tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "perceive.cli", "engine", "run", "--images", str(world_images),
-                           "--out", str(out), "--quiet", "--draw"], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = run_cli("engine", "run", "--images", world_images, "--out", out, "--quiet", "--draw")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (out / "annotated").iterdir()) == ["scene0.png", "scene1.png"]
     assert "regions grounded:" in done.stdout and "perceive train --data" in done.stdout
     lines = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and sum(len(line["boxes"]) for line in lines) >= 1
     assert all(line["captions"][0]["text"] for line in lines)
-    again = subprocess.run([sys.executable, "-m", "perceive.cli", "engine", "run", "--images", str(world_images),
-                            "--out", str(out), "--quiet", "--min-score", "0.9"], capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    again = run_cli("engine", "run", "--images", world_images, "--out", out, "--quiet", "--min-score", "0.9")
     assert again.returncode == 1 and "--continue" in again.stderr and "Traceback" not in again.stderr
 
 

@@ -1,8 +1,7 @@
 import json
-import subprocess
-import sys
 
 import pytest
+from cli_runner import run_cli
 
 from perceive.world import export
 from perceive.world.generator import WorldConfig
@@ -16,9 +15,7 @@ def world(tmp_path_factory):
 
 
 def _eval(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "perceive.cli", "eval", *map(str, args)], capture_output=True, text=True
-    )
+    return run_cli("eval", *args)
 
 
 def _jsonl(path, records):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_boxes import roi_align_reference  # torchvision's RoI Align written out loop by loop
@@ -339,10 +338,7 @@ def test_answers_are_read_into_the_given_boxes(folder, scene):
 def test_perceive_ask_runs_a_rexseek_folder(folder, scene, tmp_path):
     image, boxes = scene
     Image.fromarray(image).save(tmp_path / "im.png")
-    done = subprocess.run([sys.executable, "-m", "perceive.cli", "ask", "--model", str(folder),
-                           str(tmp_path / "im.png"), QUESTION, "--boxes", json.dumps(boxes), "--json"],
-                          capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = run_cli("ask", "--model", folder, tmp_path / "im.png", QUESTION, "--boxes", json.dumps(boxes), "--json")
     assert done.returncode == 0, done.stderr
     assert "answer" in json.loads(done.stdout) and not (folder / "RAN").exists()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 from deviceless import DevicelessTensors
 from PIL import Image
 from safetensors.torch import load_file
@@ -124,7 +125,7 @@ def test_two_process_data_parallel_with_gloo_and_the_mllm_sharded(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "perceive.cli", *map(str, args)], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def test_ask_cli_json_and_picture(smoke_run, tmp_path):

@@ -2,12 +2,11 @@
 ``perceive ask --model``) loads what it trained."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 from PIL import Image
 
 import perceive
@@ -137,19 +136,22 @@ def test_the_command_trains_from_a_spec_and_ask_loads_it(tmp_path):
     source = _jsonl(tmp_path)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"sources": [source]}))
-    run = subprocess.run([sys.executable, "-m", "perceive.cli", "train", "--config", "smoke", "--out",
-                          str(tmp_path / "run"), "--data", str(spec), "--loader-workers", "1", "--quiet"],
-                         capture_output=True, text=True)  # fmt: skip
+    run = run_cli("train", "--config", "smoke", "--out", tmp_path / "run", "--data", spec, "--loader-workers", "1",
+                  "--quiet")  # fmt: skip
     assert run.returncode == 0, run.stderr
-    ask = subprocess.run([sys.executable, "-m", "perceive.cli", "ask", "--model", str(tmp_path / "run" / "model"),
-                          str(tmp_path / "photos" / "0.png"), "Please detect mug in this image. Answer the question "
-                          "with object indexes.", "--json"], capture_output=True, text=True)  # fmt: skip
+    ask = run_cli(
+        "ask",
+        "--model",
+        tmp_path / "run" / "model",
+        tmp_path / "photos" / "0.png",
+        "Please detect mug in this image. Answer the question with object indexes.",
+        "--json",
+    )
     assert ask.returncode == 0, ask.stderr
     assert json.loads(ask.stdout)["answer"].startswith("<ground>mug</ground>")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"sources": [{"format": "coco", "annotations": "mine.jsonl", "images": "photos/"}]}))
-    fails = subprocess.run([sys.executable, "-m", "perceive.cli", "train", "--config", "smoke", "--out",
-                            str(tmp_path / "bad_run"), "--data", str(bad)], capture_output=True, text=True)  # fmt: skip
+    fails = run_cli("train", "--config", "smoke", "--out", tmp_path / "bad_run", "--data", bad)
     assert fails.returncode == 1 and "Traceback" not in fails.stderr and "mine.jsonl" in fails.stderr
 
 

@@ -1,9 +1,8 @@
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 
 from perceive.boxes import rle_to_mask
 from perceive.data import readers
@@ -132,7 +131,7 @@ def test_readers_name_the_bad_line_and_field(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "perceive.cli", *args], capture_output=True, text=True)
+    return run_cli(*args)
 
 
 def test_cli_generate_and_errors(tmp_path):
