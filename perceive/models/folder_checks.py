@@ -179,6 +179,29 @@ def check_layer_counts(raw: dict, tensors: int, config_path: Path, weights_path:
                                f"{tensors} tensors of {weights_path}")  # fmt: skip
 
 
+def weight_misfit(
+    model: torch.nn.Module, shapes: Mapping[str, list[int]], shown: Mapping[str, str] | None = None,
+    model_side: str = "the configuration",
+) -> str:  # fmt: skip
+    """What keeps weights of ``shapes`` (name -> shape) from filling ``model`` exactly: the missing, unexpected and
+    differently shaped names, a few of each (a weight shown under its name in ``shown`` where it has one); "" when they
+    fit. Tied weights are saved once, under any of their names."""
+    shown = shown or {}
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    tied: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    saved_as = {name: names for names in tied.values() for name in names}
+    missing = [k for k in expected if k not in shapes and not any(n in shapes for n in saved_as.get(k, []))]
+    unexpected = [shown.get(k, k) for k in shapes if k not in expected]
+    reshaped = [f"{shown.get(k, k)} {shapes[k]} ({model_side}: {expected[k]})" for k in shapes
+                if k in expected and shapes[k] != expected[k]]  # fmt: skip
+    found = [(what, names) for what, names in (("missing", missing), ("unexpected", unexpected),
+                                               ("differently shaped", reshaped)) if names]  # fmt: skip
+    return "; ".join(f"{len(names)} {what}: {', '.join(names[:SHOWN_DIFFERENCES])}" + (", ..." if
+                     len(names) > SHOWN_DIFFERENCES else "") for what, names in found)  # fmt: skip
+
+
 def check_weights_fit(
     build: Callable[[], torch.nn.Module],
     shapes: Mapping[str, list[int]],
@@ -186,28 +209,15 @@ def check_weights_fit(
     weights_path: Path,
 ) -> None:
     """The model ``build`` makes, built on the meta device (shapes only, no memory), has a tensor of each
-    name and shape in ``shapes`` (the weights file's, under today's names) and no other; tied weights are
-    saved once, under any of their names."""
+    name and shape in ``shapes`` (the weights file's, under today's names) and no other (``weight_misfit``)."""
     try:
         with torch.device("meta"):
             model = build()
     except BUILD_ERRORS as e:
         raise ModelFolderError(f"{config_path} describes no model that builds: {one_line(e)}") from None
-    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
-    tied: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(parameter), []).append(name)
-    saved_as = {name: names for names in tied.values() for name in names}
-    missing = [k for k in expected if k not in shapes and not any(n in shapes for n in saved_as.get(k, []))]
-    unexpected = [k for k in shapes if k not in expected]
-    reshaped = [f"{k} {shapes[k]} (the configuration: {expected[k]})" for k in shapes
-                if k in expected and shapes[k] != expected[k]]  # fmt: skip
-    if missing or unexpected or reshaped:
-        found = [(what, names) for what, names in (("missing", missing), ("unexpected", unexpected),
-                                                   ("differently shaped", reshaped)) if names]  # fmt: skip
-        listed = "; ".join(f"{len(names)} {what}: {', '.join(names[:SHOWN_DIFFERENCES])}" + (", ..." if
-                           len(names) > SHOWN_DIFFERENCES else "") for what, names in found)  # fmt: skip
-        raise ModelFolderError(f"{weights_path} does not fit {config_path}: {listed}")
+    misfit = weight_misfit(model, shapes)
+    if misfit:
+        raise ModelFolderError(f"{weights_path} does not fit {config_path}: {misfit}")
 
 
 def check_pretrained_folder(folder: Path, model_class: type[PreTrainedModel]) -> Any:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from perceive.models.folder_checks import one_line, read_json_object, weight_files
+from perceive.models.folder_checks import one_line, read_json_object, weight_files, weight_misfit, weight_shapes
 from perceive.perceiver import ModelFolderError
 
 # model_type -> (the part's model_type in perceive's configuration, the field holding it in a whole model's config)
@@ -156,51 +156,37 @@ def copy_weights(
 ) -> int:
     """Copy ``folder``'s tensors into ``module``'s (names after removing a prefix of ``strip``: transformers 4 saved
     a vision model under ``vision_model.``, 5 saves it bare), one at a time, passing over those named ``skip...``.
-    Every tensor of ``module`` must be found (tied ones once), and every tensor read must fit, except the embedding
-    rows of a ``resized`` vocabulary (the first rows are copied)."""
+    The files' headers are checked first (``weight_misfit``): every tensor of ``module`` must be found (tied ones
+    once), and every tensor read must fit, except the embedding rows of a ``resized`` vocabulary (the first rows are
+    copied). Returns the tensors copied."""
     own = module.state_dict()
-    tied: dict[int, list[str]] = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(parameter), []).append(name)
-    found: set[str] = set()
-    unexpected: list[str] = []
-    reshaped: list[str] = []
-    for path in weight_files(folder):
-        try:
-            with safe_open(str(path), framework="pt") as f, torch.no_grad():
-                for key in f.keys():  # noqa: SIM118 - no __iter__
-                    name = next((key[len(p) :] for p in strip if key.startswith(p)), key)
-                    if name.startswith(skip) or (name not in own and name.endswith(_BUFFERS)):
-                        continue
-                    if name not in own:
-                        unexpected.append(key)
+    files = weight_files(folder)
+    sources: dict[str, tuple[Path, str]] = {}  # the module's name -> the file and the key it is read from
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        for key, shape in weight_shapes(path).items():
+            name = next((key[len(p) :] for p in strip if key.startswith(p)), key)
+            if name.startswith(skip) or (name not in own and name.endswith(_BUFFERS)):
+                continue
+            target = own.get(name)
+            if resized and target is not None and target.dim() == len(shape) == 2 and target.shape[1] == shape[1]:
+                shape = list(target.shape)  # a vocabulary of another size: its first rows are copied
+            sources[name], shapes[name] = (path, key), shape
+    misfit = weight_misfit(module, shapes, {name: key for name, (_, key) in sources.items()}, "the model's")
+    if misfit:
+        raise ModelFolderError(f"{folder}'s weights do not fit its config.json: {misfit}")
+    with torch.no_grad():
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name, (source, key) in sources.items():
+                    if source != path:
                         continue
                     tensor, target = f.get_tensor(key), own[name]
                     if tensor.shape == target.shape:
                         target.copy_(tensor)
-                    elif resized and tensor.dim() == 2 and tensor.shape[1] == target.shape[1]:
-                        rows = min(tensor.shape[0], target.shape[0])
-                        target[:rows].copy_(tensor[:rows])
-                    else:  # listed once, as differently shaped, not also as missing
-                        reshaped.append(f"{key} {list(tensor.shape)} (the model's: {list(target.shape)})")
-                    found.add(name)
-        except (SafetensorError, OSError) as e:
-            raise ModelFolderError(f"{path} is not a complete safetensors file: {one_line(e)}") from None
-    missing = [k for k in own if k not in found and not k.endswith(_BUFFERS)
-               and not any(n in found for n in tied.get(id(_parameter(module, k)), []))]  # fmt: skip
-    if missing or unexpected or reshaped:
-        listed = "; ".join(f"{len(names)} {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-                           for what, names in (("missing", missing), ("unexpected", unexpected),
-                                               ("differently shaped", reshaped)) if names)  # fmt: skip
-        raise ModelFolderError(f"{folder}'s weights do not fit its config.json: {listed}")
-    return len(found)
-
-
-def _parameter(module: torch.nn.Module, name: str) -> object:
-    try:
-        return module.get_parameter(name)
-    except AttributeError:  # a buffer
-        return None
+                    else:  # a resized vocabulary: the rows both have
+                        target[: len(tensor)].copy_(tensor[: len(target)])
+    return len(sources)
 
 
 def new_token_ids(tokenizer, folder: Path) -> list[int]:

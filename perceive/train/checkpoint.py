@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from perceive.train.sharding import like, whole
+from perceive.train.sharding import like, whole, whole_tensors
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
@@ -104,8 +104,7 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     back strictly."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        tensor = whole(value).detach().cpu().contiguous()
+    for key, tensor in whole_tensors(model).items():
         out[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen.add(tensor.data_ptr())
     return out

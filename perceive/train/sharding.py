@@ -61,11 +61,14 @@ def like(own: torch.Tensor, whole_tensor: torch.Tensor) -> torch.Tensor:
     return whole_tensor
 
 
+def whole_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state on the CPU, a sharded model's gathered whole (every process must call this)."""
+    return {k: whole(v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """A sharded model's whole state on the CPU (every process must call this), None for a model that is not one."""
-    if not is_sharded(model):
-        return None
-    return {k: whole(v).detach().cpu() for k, v in model.state_dict().items()}
+    """A sharded model's whole state (``whole_tensors``), None for a model that is not one."""
+    return whole_tensors(model) if is_sharded(model) else None
 
 
 def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
