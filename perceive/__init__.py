@@ -12,6 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 _EXPORTS = {
     "load": "perceive.perceiver",
+    "load_released_upn": "perceive.models.upn.released_loading",
     "Perceiver": "perceive.perceiver",
     "Answer": "perceive.answer",
     "GroundedObject": "perceive.answer",

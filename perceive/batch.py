@@ -2,7 +2,8 @@
 
 Inputs: a folder (its image files, sorted by name) or a JSONL file of ``{"image": path, "question"?:
 str, "id"?: str, "boxes"?: [[x0, y0, x1, y1], ...]}`` (relative paths are relative to the JSONL file;
-``boxes`` are the image's own boxes, which the model chooses among instead of its proposals). Outputs in ``OUT``:
+``boxes`` are the image's own boxes, which the model chooses among instead of its proposals; ``propose``, an image
+-> boxes function such as the released UPN's, gives them to the images without). Outputs in ``OUT``:
 ``results.jsonl`` (one line per image: its id, image, question and the ``ask --json`` answer, or an
 ``error``), ``coco_results.json`` (objects whose phrase names a world category, with their
 confidence as score) and, with ``draw``, ``annotated/<id>.png``. Lines are appended as answers come,
@@ -21,9 +22,13 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perceive.boxes import check_pixel_boxes
 from perceive.data.readers import iter_jsonl
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -133,6 +138,7 @@ def run(
     batch_size: int = 8,
     progress: bool = True,
     boxes: list | None = None,
+    propose: Callable[[np.ndarray], list] | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -163,6 +169,9 @@ def run(
                 except ImageError as e:
                     f.write(json.dumps({**it, "error": str(e)}) + "\n")
             if good:
+                if propose is not None:  # a proposal network's boxes where the input gives none
+                    for it, arr in zip(good, arrays, strict=True):
+                        it.setdefault("boxes", propose(arr))
                 answers = perceiver.ask_batch(arrays, [it["question"] for it in good],
                                               boxes=[it.get("boxes") for it in good])  # fmt: skip
                 for it, arr, ans in zip(good, arrays, answers, strict=True):

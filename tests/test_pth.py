@@ -3,6 +3,7 @@ pickle that would run code is refused without running it."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def test_weights_convert_as_released_checkpoints_wrap_them(tmp_path):
     torch.manual_seed(0)
     shared = torch.randn(4, 3)
     weights = {"backbone.0.weight": shared, "head.weight": shared, "head.bias": torch.zeros(3, dtype=torch.float16)}
-    for name, saved in (("bare", weights), ("wrapped", {"model": weights, "epoch": 12, "args": {"lr": 1e-4}})):
+    args = argparse.Namespace(lr=1e-4, backbone="swin_L_384_22k")  # how DETR-family scripts save their arguments
+    for name, saved in (("bare", weights), ("wrapped", {"model": weights, "epoch": 12, "args": args})):
         torch.save(saved, tmp_path / f"{name}.pth")
         tensors, size = convert(tmp_path / f"{name}.pth", tmp_path / f"{name}.safetensors")
         back = load_file(str(tmp_path / f"{name}.safetensors"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -50,8 +51,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     boxes = parse_boxes(args.boxes)
     prompts = parse_prompts(args.prompt)
+    if args.upn and boxes is not None:
+        raise CliError("give --boxes or --upn, not both: the UPN's proposals take the place of your boxes")
+    propose = released_upn_proposer(args)
     if args.images is not None:
-        return _ask_many(args, boxes)
+        return _ask_many(args, boxes, propose)
     question = args.question_flag or args.question
     if args.image is None or not question:
         raise CliError("give IMAGE and a question, or --images FOLDER_OR_JSONL with --question and --out")
@@ -61,7 +65,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
             for p in prompts:
                 p.check(image.shape[1], image.shape[0])
         perceiver = load(args.model, args.device)
-        answer = perceiver.ask(image, question, boxes=boxes, prompts=prompts)
+        if propose is None:
+            answer = perceiver.ask(image, question, boxes=boxes, prompts=prompts)
+        else:
+            boxes, scores = propose(image)
+            # a model that weighs its boxes (ChatRex) gets the UPN's scores with them
+            weighs = "scores" in inspect.signature(perceiver.ask).parameters
+            answer = perceiver.ask(image, question, boxes=boxes.tolist(), prompts=prompts,
+                                   **({"scores": scores.tolist()} if weighs else {}))  # fmt: skip
     except (ImageError, FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     if args.out:
@@ -84,7 +95,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ask_many(args: argparse.Namespace, boxes: list | None) -> int:
+def released_upn_proposer(args: argparse.Namespace):
+    """``--upn FILE``: image -> (boxes, scores) from the released UPN, or None without the flag."""
+    if not args.upn:
+        return None
+    from perceive.devices import resolve_device
+    from perceive.models.upn.released_loading import load_released_upn
+
+    try:
+        upn = load_released_upn(args.upn, resolve_device(args.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+    return lambda image: upn.propose(image, args.upn_prompt, min_score=args.upn_min_score)
+
+
+def _ask_many(args: argparse.Namespace, boxes: list | None, propose=None) -> int:
     from perceive import batch
     from perceive.perceiver import load
 
@@ -95,7 +120,8 @@ def _ask_many(args: argparse.Namespace, boxes: list | None) -> int:
     try:
         perceiver = load(args.model, args.device)
         summary = batch.run(perceiver, args.images, args.question_flag or args.question, args.out, draw=args.draw,
-                            progress=not args.json, boxes=boxes)  # fmt: skip
+                            progress=not args.json, boxes=boxes,
+                            propose=None if propose is None else lambda image: propose(image)[0].tolist())  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
     if args.json:
@@ -115,6 +141,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--images", help="a folder of images or a JSONL of {image, question?, id?, boxes?}: batch mode")
     a.add_argument("--boxes", help="your own boxes instead of the model's proposals: a JSON list of [x0, y0, x1, y1] "
                                    "pixel boxes, or a file holding one (with --images: for every image)")  # fmt: skip
+    a.add_argument("--upn", metavar="FILE", help="boxes from the released UPN (ChatRex's upn_large.pth, or its "
+                   "safetensors from perceive convert) instead of the model's own proposals")  # fmt: skip
+    a.add_argument(
+        "--upn-prompt",
+        choices=("fine", "coarse"),
+        default="fine",
+        help="the UPN's prompt: fine (objects and their parts, ChatRex's usual) or coarse (whole objects)",
+    )
+    a.add_argument("--upn-min-score", type=float, default=0.3, help="the UPN's boxes scoring at least this (0.3)")
     a.add_argument("--prompt", action="append", metavar="KIND:VALUES",
                    help="a visual prompt, for models that take them: point:X,Y, box:X0,Y0,X1,Y1, "
                         "scribble:X,Y;X,Y;..., mask:FILE.png (repeatable)")  # fmt: skip

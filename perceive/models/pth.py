@@ -3,13 +3,16 @@ once as safetensors (``perceive convert``).
 
 A ``.pth`` file is a pickle, and a pickle can run any code while it loads. It is read only with
 ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers and refuses everything else;
-a file that needs more is refused with what it asked for. The weights are the file's dict of tensors, or the
-one under ``model``, ``state_dict`` or ``module`` (how training scripts wrap them; the wrapper's other
-entries, an epoch or an optimizer's state, are left out).
+a file that needs more is refused with what it asked for. One class more is allowed: ``argparse.Namespace``, in
+which DETR-family training scripts save their arguments beside the weights; rebuilding one only sets attributes.
+The weights are the file's dict of tensors, or the one under ``model``, ``state_dict`` or ``module`` (how
+training scripts wrap them; the wrapper's other entries, an epoch, the arguments or an optimizer's state, are
+left out).
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import zipfile
 from pathlib import Path
@@ -36,7 +39,8 @@ def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ModelFolderError(f"{path}: refused: unpickling it needs more than tensors and plain containers "
                                f"({one_line(e, 160)}); perceive never runs a checkpoint's code") from None  # fmt: skip
