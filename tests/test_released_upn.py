@@ -469,6 +469,8 @@ def test_perceive_ask_answers_over_the_released_upn_proposals(checkpoint, tmp_pa
     assert len(lines[0]["proposals"]) == len(boxes) and [p["box"] for p in lines[1]["proposals"]] == [[1, 2, 30, 40]]
     done = run_cli("ask", str(path), "Q?", "--upn", str(checkpoint), "--boxes", "[[1, 2, 3, 4]]")
     assert done.returncode == 1 and "not both" in done.stderr
+    done = run_cli("ask", str(path), "Q?", "--upn", str(checkpoint), "--upn-min-score", "1.01")
+    assert done.returncode == 1 and "found no box scoring at least 1.01" in done.stderr
     done = run_cli("ask", str(path), "Q?", "--upn", str(tmp_path / "absent.pth"))
     assert done.returncode == 1 and "no such file" in done.stderr and "Traceback" not in done.stderr
 

@@ -69,6 +69,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             answer = perceiver.ask(image, question, boxes=boxes, prompts=prompts)
         else:
             boxes, scores = propose(image)
+            if not len(boxes):
+                raise CliError(f"the UPN found no box scoring at least {args.upn_min_score}; lower --upn-min-score")
             # a model that weighs its boxes (ChatRex) gets the UPN's scores with them
             weighs = "scores" in inspect.signature(perceiver.ask).parameters
             answer = perceiver.ask(image, question, boxes=boxes.tolist(), prompts=prompts,
@@ -106,7 +108,8 @@ def released_upn_proposer(args: argparse.Namespace):
         upn = load_released_upn(args.upn, resolve_device(args.device))
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
-    return lambda image: upn.propose(image, args.upn_prompt, min_score=args.upn_min_score)
+    # the best 100 at most: ChatRex and RexSeek name a box by one of 100 tokens, <obj0>..<obj99>
+    return lambda image: upn.propose(image, args.upn_prompt, min_score=args.upn_min_score, max_boxes=100)
 
 
 def _ask_many(args: argparse.Namespace, boxes: list | None, propose=None) -> int:

@@ -245,7 +245,8 @@ class ReleasedUpn(nn.Module):
         proposals, usable = cell_proposals(pads)
         proposals = proposals.masked_fill(~usable[..., None], float("inf"))
         scored = t.enc_output_norm(t.enc_output(memory.masked_fill(~usable[..., None], 0.0)))
-        top = torch.topk(scored @ prompt_vec, c.num_queries, dim=1).indices
+        # (a map of fewer cells than queries, which the release cannot take, keeps them all)
+        top = torch.topk(scored @ prompt_vec, min(c.num_queries, scored.shape[1]), dim=1).indices
         boxes = torch.gather(t.enc_out_bbox_embed(scored) + proposals, 1, top[..., None].expand(-1, -1, 4))
         reference = boxes.sigmoid()
         tgt = t.tgt_embed.weight[None].expand(src.shape[0], -1, -1)
