@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -43,15 +44,18 @@ def sine_positions(h: int, w: int, dim: int, device: torch.device) -> torch.Tens
 
 
 class MLP(nn.Module):
-    def __init__(self, dims: list[int]) -> None:
+    """Linear layers (under ``layers.N``) with ``activation`` between them."""
+
+    def __init__(self, dims: list[int], activation: Callable[[torch.Tensor], torch.Tensor] = F.gelu) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.gelu(x)
+                x = self.activation(x)
         return x
 
 

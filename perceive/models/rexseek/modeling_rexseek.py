@@ -26,6 +26,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Model
 
 from perceive.boxes import roi_align
 from perceive.models.generation import CACHE_ARGUMENT, output_cache
+from perceive.models.position_codes import interleaved_sine
 from perceive.models.rexseek.configuration_rexseek import RexSeekConfig
 from perceive.models.rexseek.convnext import ConvNextEncoder
 
@@ -40,14 +41,7 @@ def sine_box_embedding(boxes: torch.Tensor, dim: int) -> torch.Tensor:
     """``[N, 4 * dim]`` for ``[N, 4]`` xyxy boxes in [0, 1]: sin/cos of centre y, centre x, width, height."""
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     cx, cy = boxes[:, 0] + w / 2, boxes[:, 1] + h / 2
-    steps = torch.arange(dim, dtype=torch.float32, device=boxes.device)
-    freq = 10000 ** (2 * torch.div(steps, 2, rounding_mode="floor") / dim)
-
-    def encode(c: torch.Tensor) -> torch.Tensor:
-        p = c[:, None] * (2 * math.pi) / freq
-        return torch.stack((p[:, 0::2].sin(), p[:, 1::2].cos()), dim=-1).flatten(1)
-
-    return torch.cat([encode(cy), encode(cx), encode(w), encode(h)], dim=1)
+    return torch.cat([interleaved_sine(c * (2 * math.pi), dim) for c in (cy, cx, w, h)], dim=1)
 
 
 def projector(in_dim: int, out_dim: int) -> nn.Sequential:

@@ -22,7 +22,6 @@ The forward pass, as the release computes it:
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -32,12 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from perceive.models.image_processing import BILINEAR, IMAGE_MEAN, IMAGE_STD
+from perceive.models.pixel_decoder import MLP
+from perceive.models.position_codes import interleaved_sine
 from perceive.models.upn.deformable_attention import MultiScaleDeformableAttention
 from perceive.models.upn.swin import SwinBackbone
 
 PROMPTS = {"fine": "fine_grained_prompt", "coarse": "coarse_grained_prompt"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -62,17 +62,9 @@ class ReleasedUpnConfig:
     max_side: int = 1333
 
 
-class BoxMlp(nn.Module):
+def box_mlp(dims: list[int]) -> MLP:
     """The released ``MLP``: Linear layers with ReLU between, under ``layers.N``."""
-
-    def __init__(self, dims: list[int]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
+    return MLP(dims, activation=F.relu)
 
 
 class EncoderLayer(nn.Module):
@@ -118,9 +110,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
         self.norm = nn.LayerNorm(c.d_model)
-        self.ref_point_head = BoxMlp([2 * c.d_model, c.d_model, c.d_model])
+        self.ref_point_head = box_mlp([2 * c.d_model, c.d_model, c.d_model])
         # for point references, which the release never makes: it adds this head's output times 0
-        self.ref_point_head_point = BoxMlp([c.d_model, c.d_model, c.d_model])
+        self.ref_point_head_point = box_mlp([c.d_model, c.d_model, c.d_model])
 
 
 class Transformer(nn.Module):
@@ -132,7 +124,7 @@ class Transformer(nn.Module):
         self.tgt_embed = nn.Embedding(c.num_queries, c.d_model)
         self.enc_output = nn.Linear(c.d_model, c.d_model)
         self.enc_output_norm = nn.LayerNorm(c.d_model)
-        self.enc_out_bbox_embed = BoxMlp([c.d_model, c.d_model, c.d_model, 4])
+        self.enc_out_bbox_embed = box_mlp([c.d_model, c.d_model, c.d_model, 4])
         self.fine_grained_prompt = nn.Embedding(1, c.d_model)
         self.coarse_grained_prompt = nn.Embedding(1, c.d_model)
 
@@ -145,25 +137,14 @@ def sine_position_code(padding: torch.Tensor, per_axis: int, temperature: float)
     x = valid.cumsum(2)
     y = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi
     x = x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
-    dim = torch.arange(per_axis, dtype=torch.float32, device=padding.device)
-    dim = temperature ** (2 * (dim // 2) / per_axis)
-    codes = []
-    for coord in (y, x):
-        pos = coord[..., None] / dim
-        codes.append(torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(3))
+    codes = [interleaved_sine(coord, per_axis, temperature) for coord in (y, x)]
     return torch.cat(codes, dim=3).permute(0, 3, 1, 2)
 
 
 def box_sine_code(boxes: torch.Tensor, per_axis: int) -> torch.Tensor:
     """``[..., 4]`` normalised (cx, cy, w, h) -> ``[..., 4 * per_axis]``: sine codes (temperature 10000) of y,
     x, w, h in that order."""
-    dim = torch.arange(per_axis, dtype=torch.float32, device=boxes.device)
-    dim = 10000 ** (2 * (dim // 2) / per_axis)
-    codes = []
-    for k in (1, 0, 2, 3):
-        pos = boxes[..., k, None] * 2 * math.pi / dim
-        codes.append(torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2))
-    return torch.cat(codes, dim=-1)
+    return torch.cat([interleaved_sine(boxes[..., k] * (2 * math.pi), per_axis) for k in (1, 0, 2, 3)], dim=-1)
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -171,10 +152,15 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def valid_sizes(padding: torch.Tensor) -> torch.Tensor:
+    """``[B, 2]``: the unpadded width and height of each map (padding ``[B, H, W]`` is at the bottom and right)."""
+    return torch.stack([(~padding[:, 0, :]).sum(1), (~padding[:, :, 0]).sum(1)], -1).float()
+
+
 def valid_ratios(padding: torch.Tensor) -> torch.Tensor:
     """``[B, 2]``: the unpadded share of the map's width and height."""
     h, w = padding.shape[1:]
-    return torch.stack([(~padding[:, 0, :]).sum(1).float() / w, (~padding[:, :, 0]).sum(1).float() / h], -1)
+    return valid_sizes(padding) / torch.tensor([w, h], dtype=torch.float32, device=padding.device)
 
 
 def cell_proposals(padding: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +171,7 @@ def cell_proposals(padding: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
         b, h, w = pad.shape
         ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=pad.device),
                                 torch.arange(w, dtype=torch.float32, device=pad.device), indexing="ij")  # fmt: skip
-        valid = torch.stack([(~pad[:, 0, :]).sum(1), (~pad[:, :, 0]).sum(1)], -1).float().view(b, 1, 1, 2)
-        centres = (torch.stack([xs, ys], -1)[None] + 0.5) / valid
+        centres = (torch.stack([xs, ys], -1)[None] + 0.5) / valid_sizes(pad).view(b, 1, 1, 2)
         sides = torch.full_like(centres, 0.05 * 2.0**level)
         per_level.append(torch.cat([centres, sides], -1).view(b, -1, 4))
     boxes = torch.cat(per_level, 1)
@@ -215,7 +200,7 @@ class ReleasedUpn(nn.Module):
                                                  nn.GroupNorm(32, c.d_model)))  # fmt: skip
             extra_in = c.d_model
         self.transformer = Transformer(c)
-        self.bbox_embed = BoxMlp([c.d_model, c.d_model, c.d_model, 4])
+        self.bbox_embed = box_mlp([c.d_model, c.d_model, c.d_model, 4])
 
     def forward(self, pixels: torch.Tensor, padding: torch.Tensor, prompt: str = "fine") -> dict[str, torch.Tensor]:
         """``pixels`` ``[B, 3, H, W]`` normalised, ``padding`` ``[B, H, W]`` True where padded. Returns
@@ -293,9 +278,9 @@ def image_batch(images: list[np.ndarray], short_side: int, max_side: int) -> tup
     resized = []
     for image in images:
         w, h = resized_size(image.shape[1], image.shape[0], short_side, max_side)
-        pic = Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR)
+        pic = Image.fromarray(image).resize((w, h), BILINEAR)
         x = torch.from_numpy(np.asarray(pic, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        resized.append((x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])
+        resized.append((x - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None])
     h, w = max(x.shape[1] for x in resized), max(x.shape[2] for x in resized)
     pixels = torch.zeros(len(resized), 3, h, w)
     padding = torch.ones(len(resized), h, w, dtype=torch.bool)

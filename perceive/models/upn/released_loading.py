@@ -89,9 +89,10 @@ def config_from_weights(weights: dict[str, torch.Tensor], path: Path) -> Release
     )  # fmt: skip
 
 
-def model_state(weights: dict[str, torch.Tensor], config: ReleasedUpnConfig, path: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors under ``ReleasedUpn``'s names, after checking the aliases and constants they share
-    names with; a ``ModelFolderError`` for whatever does not fit."""
+def model_state(weights: dict[str, torch.Tensor], model: ReleasedUpn, path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors under the names of ``model`` (built from the file's sizes), after checking the aliases
+    and constants they share names with; a ``ModelFolderError`` for whatever does not fit."""
+    config = model.config
     state, shown, problems = {}, {}, []
     aliases: dict[str, list[str]] = {}
     for name, tensor in weights.items():
@@ -111,8 +112,6 @@ def model_state(weights: dict[str, torch.Tensor], config: ReleasedUpnConfig, pat
         if any(weights[n].shape != first.shape or not torch.equal(weights[n], first) for n in names[1:]):
             problems.append(f"the box MLP's aliases {', '.join(names[:3])}, ... differ; the release shares one")
         state[f"bbox_embed.{rest}"], shown[f"bbox_embed.{rest}"] = first, names[0]
-    with torch.device("meta"):
-        model = ReleasedUpn(config)
     expected_aliases = {f"{prefix}bbox_embed.{k}.{rest}" for prefix in ("", "transformer.decoder.")
                         for k in range(config.decoder_layers) for rest in aliases}  # fmt: skip
     absent = sorted(expected_aliases - set(weights))
@@ -132,11 +131,9 @@ def load_released_upn(path: str | Path, device: torch.device | str = "cpu") -> R
     """The released UPN of ``path`` (``.pth`` or ``.safetensors``), ready to ``propose`` boxes."""
     path = Path(path)
     weights = read_weights(path)
-    config = config_from_weights(weights, path)
-    state = model_state(weights, config, path)
     with torch.device("meta"):
-        model = ReleasedUpn(config)
-    model.load_state_dict(state, strict=True, assign=True)
+        model = ReleasedUpn(config_from_weights(weights, path))
+    model.load_state_dict(model_state(weights, model, path), strict=True, assign=True)
     # the computed buffers were made on the meta device: made again, for real
     for module in model.modules():
         if isinstance(module, WindowAttention):
